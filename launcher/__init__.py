@@ -1,0 +1,1 @@
+"""zerotune launcher: everything before ranks exist — CLI, pre-flight, spawning, Slurm."""

@@ -1,0 +1,367 @@
+"""Checkpoints as atomically committed directories with a verified manifest.
+
+Layout of ``RUN_DIR/checkpoints/``::
+
+    step_00000040/            committed: renamed from step_00000040.tmp/ after a full write
+        zero/ ...             DeepSpeed's sharded engine state (or ddp/state.pt)
+        trainer_state.json    step, epoch, samples/tokens seen, best metric, accumulators
+        rng/rank_00000.json   python / numpy / torch RNG of every rank (JSON, no pickle)
+        manifest.json         written last: versions, world size, stage, every file's size + sha256
+        universal/            DeepSpeed universal checkpoint, made on demand for a new world size
+    latest                    text file naming the newest committed step directory
+
+A crash at any point leaves the previous checkpoint valid: ``.tmp`` folders are never
+loaded, and ``latest`` moves only after the rename.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import faults
+from .config import ConfigError, RunConfig
+from .distributed import barrier, broadcast_object, get_rank, get_world_size
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": ".".join(map(str, __import__("sys").version_info[:3])), "torch": torch.__version__}
+    for pkg in ("zerotune", "deepspeed", "transformers", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# RNG state as JSON
+# --------------------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {
+        "python": [version, list(state), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    version, state, gauss = s["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(s["torch"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(x) for x in s["cuda"]])
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_files(root: Path, exclude: tuple[str, ...] = (MANIFEST, "universal")) -> list[Path]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and rel.parts[0] not in exclude:
+            out.append(p)
+    return out
+
+
+def verify(ckpt: Path, level: str = "checksum") -> list[str]:
+    """Problems with a committed checkpoint (empty list: valid)."""
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        return [f"{ckpt.name}: no {MANIFEST} (incomplete write?)"]
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{ckpt.name}/{MANIFEST}: unreadable ({e})"]
+    problems = []
+    for rel, meta in manifest.get("files", {}).items():
+        p = ckpt / rel
+        if not p.is_file():
+            problems.append(f"{ckpt.name}/{rel}: missing")
+        elif p.stat().st_size != meta["size"]:
+            problems.append(f"{ckpt.name}/{rel}: size {p.stat().st_size} != {meta['size']} in the manifest (truncated?)")
+        elif level == "checksum" and sha256_file(p) != meta["sha256"]:
+            problems.append(f"{ckpt.name}/{rel}: checksum mismatch (corrupted)")
+    return problems
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / MANIFEST).read_text())
+
+
+def committed(ckpt_root: Path) -> list[Path]:
+    """Committed checkpoint directories, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1].split(".")[0]), reverse=True)
+
+
+def find_valid(ckpt_root: Path, level: str = "checksum", warn=print) -> Path | None:
+    """The newest checkpoint that verifies; a warning names each one skipped."""
+    for ckpt in committed(ckpt_root):
+        problems = verify(ckpt, level)
+        if not problems:
+            return ckpt
+        warn(f"warning: skipping checkpoint {ckpt} — " + "; ".join(problems[:3]) + " — falling back to an older one")
+    return None
+
+
+def resolve_resume(run_dir: Path, resume: str, level: str = "checksum", warn=print) -> Path | None:
+    """``auto``: newest valid in the run dir; ``never``: none; else that path (must be valid)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        root = run_dir / "checkpoints"
+        found = find_valid(root, level, warn)
+        if found is None and committed(root):
+            raise CheckpointError(
+                f"no valid checkpoint in {root}: every one failed verification; "
+                "start fresh with --resume never (in a new --run-dir) or restore the files"
+            )
+        return found
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():  # a run directory
+        return resolve_resume(path, "auto", level, warn)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume!r}: no such checkpoint directory")
+    problems = verify(path, level)
+    if problems:
+        raise CheckpointError(f"--resume {resume!r} is not a valid checkpoint: " + "; ".join(problems))
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, cfg: RunConfig, extra_manifest: dict[str, Any]):
+        self.root = run_dir / "checkpoints"
+        self.cfg = cfg
+        self.extra = extra_manifest
+        self.rank = get_rank()
+        self.world = get_world_size()
+
+    def clean_stale(self) -> None:
+        """Leftover ``.tmp`` folders from a crash are never loaded; remove them at start."""
+        if self.rank == 0 and self.root.is_dir():
+            for p in self.root.glob("*.tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+        barrier()
+
+    def save(self, step: int, engine, trainer_state: dict[str, Any], metric: float | None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (step_dir_name(step) + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        barrier()
+        engine.save(tmp)
+        write_json_atomic(tmp / "rng" / f"rank_{self.rank:05d}.json", rng_state())
+        if self.rank == 0:
+            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+        faults.maybe_fail("save", step)
+        barrier()
+        size = 0
+        if self.rank == 0:
+            _fsync_tree(tmp)
+            files = {}
+            for p in list_files(tmp):
+                files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                size += p.stat().st_size
+            name, _ = self.cfg.eval_metric()
+            manifest = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "epoch": trainer_state.get("epoch"),
+                "samples_seen": trainer_state.get("samples_seen"),
+                "tokens_seen": trainer_state.get("tokens_seen"),
+                "world_size": self.world,
+                "zero_stage": self.cfg.zero.stage if self.cfg.engine == "deepspeed" else None,
+                "engine": self.cfg.engine,
+                "precision": self.cfg.precision,
+                "config_hash": self.cfg.config_hash(),
+                "metric": {"name": name, "value": metric},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": versions(),
+                **self.extra,
+                "files": files,
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
+            faults.maybe_fail("commit", step)
+            if final.exists():  # a re-save of the same step (e.g. after a resume): replace
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            latest = self.root / LATEST
+            (self.root / (LATEST + ".tmp")).write_text(final.name + "\n")
+            os.replace(self.root / (LATEST + ".tmp"), latest)
+            _fsync_dir(self.root)
+            self.apply_retention(protect=final)
+        barrier()
+        return {"save_seconds": time.perf_counter() - t0, "size_mb": broadcast_object(size) / 2**20, "step": step}
+
+    def apply_retention(self, protect: Path) -> list[Path]:
+        """Delete what keep_last / keep_best / keep_every do not keep (rank 0, after commit)."""
+        c = self.cfg.checkpoint
+        all_ckpts = committed(self.root)
+        keep = {protect, *all_ckpts[: c.keep_last or len(all_ckpts)]}
+        if c.keep_every:
+            keep |= {p for p in all_ckpts if int(p.name.split("_")[1]) % c.keep_every == 0}
+        _, mode = self.cfg.eval_metric()
+        scored = []
+        for p in all_ckpts:
+            try:
+                v = read_manifest(p)["metric"]["value"]
+            except Exception:
+                continue
+            if v is not None:
+                scored.append((v if mode == "max" else -v, int(p.name.split("_")[1]), p))
+        scored.sort(reverse=True)
+        keep |= {p for _, _, p in scored[: max(c.keep_best, 1 if scored else 0)]}
+        deleted = []
+        for p in all_ckpts:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+                deleted.append(p)
+        return deleted
+
+
+def load_trainer_state(ckpt: Path, rank: int, world: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Trainer state and this rank's RNG (None when the world size changed)."""
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    rng_file = ckpt / "rng" / f"rank_{rank:05d}.json"
+    saved_world = read_manifest(ckpt)["world_size"]
+    rng = json.loads(rng_file.read_text()) if saved_world == world and rng_file.is_file() else None
+    return state, rng
+
+
+def check_compatible(ckpt: Path, cfg: RunConfig) -> list[str]:
+    """Hard mismatches that make a checkpoint unusable for this config."""
+    m = read_manifest(ckpt)
+    problems = []
+    if m.get("engine") != cfg.engine:
+        problems.append(f"checkpoint {ckpt} was written by engine={m.get('engine')!r}, this run uses engine={cfg.engine!r}")
+    if cfg.engine == "deepspeed" and m.get("zero_stage") != cfg.zero.stage:
+        problems.append(f"checkpoint {ckpt} has zero.stage={m.get('zero_stage')}, this run zero.stage={cfg.zero.stage}; keep the stage or export and start anew")
+    return problems
+
+
+def ensure_universal(ckpt: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format once (cached beside it)."""
+    from .universal import convert_to_universal
+
+    out = ckpt / "universal"
+    if get_rank() == 0 and not (out / "DONE").exists():
+        convert_to_universal(ckpt, out)
+    barrier()
+    if not (out / "DONE").exists():
+        raise CheckpointError(f"universal conversion of {ckpt} did not complete")
+    return out
+
+
+def warn(msg: str) -> None:
+    if get_rank() == 0:
+        warnings.warn(msg, stacklevel=2)
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "ConfigError",
+    "check_compatible",
+    "ensure_universal",
+    "find_valid",
+    "load_trainer_state",
+    "resolve_resume",
+    "set_rng_state",
+    "verify",
+]

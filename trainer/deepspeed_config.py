@@ -1,0 +1,185 @@
+"""The DeepSpeed config is generated from the one YAML; a user JSON may add to it.
+
+A user JSON's ``"auto"`` values are filled from the YAML; a concrete value that contradicts
+the YAML is an error naming both, so batch size, precision, ZeRO stage and clipping have
+exactly one source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro: int
+    accum: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+
+def resolve_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
+    """``global = micro × accum × world``; accumulation is derived, never guessed."""
+    micro = cfg.train.micro_batch_size
+    g = cfg.train.global_batch_size or micro * world_size
+    per_step = micro * world_size
+    if g % per_step:
+        lower = (g // per_step) * per_step
+        options = [x for x in (lower, lower + per_step) if x > 0]
+        raise ConfigError(
+            f"train.global_batch_size={g} is not divisible by train.micro_batch_size={micro} × world size {world_size} "
+            f"= {per_step}: choose a multiple of {per_step} (e.g. {' or '.join(map(str, options))}) or change the micro batch"
+        )
+    return BatchPlan(micro=micro, accum=g // per_step, world=world_size)
+
+
+def use_deepspeed_optimizer(cfg: RunConfig, on_gpu: bool) -> bool:
+    if cfg.train.optimizer_impl == "auto":
+        return on_gpu
+    return cfg.train.optimizer_impl == "deepspeed"
+
+
+def generate(cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu" if cfg.zero.offload_optimizer else "none", "pin_memory": on_gpu}
+    if cfg.zero.stage == 3:
+        zero["offload_param"] = {"device": "cpu" if cfg.zero.offload_params else "none", "pin_memory": on_gpu}
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accum,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {
+            "enabled": cfg.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if use_deepspeed_optimizer(cfg, on_gpu):
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay},
+        }
+    return ds
+
+
+# DeepSpeed key path → the YAML key that owns it (for conflict messages).
+OWNERS: dict[tuple[str, ...], str] = {
+    ("train_batch_size",): "train.global_batch_size",
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("gradient_accumulation_steps",): "train.global_batch_size / (micro_batch_size × world size)",
+    ("gradient_clipping",): "train.max_grad_norm",
+    ("zero_optimization", "stage"): "zero.stage",
+    ("zero_optimization", "offload_optimizer", "device"): "zero.offload_optimizer",
+    ("zero_optimization", "offload_param", "device"): "zero.offload_params",
+    ("bf16", "enabled"): "precision",
+    ("fp16", "enabled"): "precision",
+    ("optimizer", "params", "lr"): "train.lr",
+    ("optimizer", "params", "weight_decay"): "train.weight_decay",
+    ("optimizer", "params", "eps"): "train.eps",
+    ("optimizer", "params", "betas"): "train.betas",
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _get(d: dict, path: tuple[str, ...]) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return _MISSING
+        d = d[p]
+    return d
+
+
+def _fill(user: Any, gen: Any, path: tuple[str, ...], problems: list[str], source: str) -> Any:
+    if user == "auto":
+        if gen is _MISSING:
+            problems.append(f"{source}: {'.'.join(path)}=\"auto\" has no YAML value to fill it; set it explicitly")
+            return None
+        return gen
+    if isinstance(user, dict):
+        out = dict(gen) if isinstance(gen, dict) else {}
+        for k, v in user.items():
+            out[k] = _fill(v, gen.get(k, _MISSING) if isinstance(gen, dict) else _MISSING, path + (k,), problems, source)
+        return out
+    return user
+
+
+def merge_user_config(user: dict[str, Any], generated: dict[str, Any], source: str, cfg: RunConfig) -> dict[str, Any]:
+    """Fill ``"auto"`` from ``generated``; concrete values must agree with the YAML."""
+    problems: list[str] = []
+    merged = _fill(user, generated, (), problems, source)
+    for path, owner in OWNERS.items():
+        u, g = _get(user, path), _get(generated, path)
+        if u is _MISSING or u == "auto":
+            continue
+        if g is _MISSING:
+            continue  # e.g. no "optimizer" section: torch AdamW is the client optimizer
+        if not _same(u, g):
+            yaml_value = _yaml_value(cfg, owner)
+            problems.append(
+                f"{source}: {'.'.join(path)}={u!r} conflicts with YAML {owner}={yaml_value!r} "
+                f"(which means {'.'.join(path)}={g!r}); change one of them or write \"auto\" in the JSON"
+            )
+    for key in ("scheduler",):
+        if key in user:
+            problems.append(f"{source}: a {key!r} section is not supported; the schedule comes from train.scheduler / train.warmup_*")
+    if problems:
+        raise ConfigError(problems)
+    return merged
+
+
+def _yaml_value(cfg: RunConfig, owner: str) -> Any:
+    key = owner.split(" ")[0]
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def build_deepspeed_config(cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
+    generated = generate(cfg, plan, on_gpu, load_universal)
+    if not cfg.deepspeed_config:
+        return generated
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed_config={cfg.deepspeed_config!r}: file not found")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config={cfg.deepspeed_config!r}: not valid JSON ({e})") from None
+    merged = merge_user_config(user, generated, str(path), cfg)
+    merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": load_universal}
+    return merged

@@ -1,0 +1,286 @@
+"""Engines: DeepSpeed ZeRO 0-3 (the product) and plain torch DDP (the baseline).
+
+Both take a whole optimizer step's micro-batches in ``train_step`` and hide how they
+accumulate, clip, scale and shard. Optimizer: torch AdamW by default on CPU (no JIT
+build), DeepSpeed's on GPU; schedule: warm-up then linear / cosine / constant.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .config import ConfigError, RunConfig
+from .deepspeed_config import BatchPlan, build_deepspeed_config
+
+ZERO_TAG = "zero"
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's micro-batches on this rank
+    grad_norm: float | None
+    loss_scale: float | None
+    skipped: bool = False  # fp16 overflow: the optimizer step was skipped
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
+    floor = t.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if t.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if t.scheduler == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
+
+
+class Engine(Protocol):
+    module: torch.nn.Module
+    device: torch.device
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult: ...
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any: ...
+    def train(self) -> None: ...
+    def eval(self) -> None: ...
+    def lr(self) -> float: ...
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _grad_norm(params) -> float:
+    norms = [p.grad.detach().float().norm(2) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms), 2)) if norms else 0.0
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed
+# --------------------------------------------------------------------------------------
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, total_steps: int,
+                 device: torch.device, load_universal: bool = False):
+        from .distributed import configure_cpu_deepspeed
+
+        configure_cpu_deepspeed()
+        import deepspeed
+
+        if cfg.precision == "fp16" and not fp16_supported(device):
+            raise ConfigError(fp16_message(device))
+        self.cfg = cfg
+        self.device = device
+        self.ds_config = build_deepspeed_config(cfg, plan, device.type == "cuda", load_universal)
+        optimizer = None if "optimizer" in self.ds_config else build_optimizer(cfg, model)
+        fn = lr_lambda(cfg, total_steps)
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn)) if optimizer is None else torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                model_parameters=param_groups(model, cfg.train.weight_decay) if optimizer is None else None,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=self.ds_config,
+                dist_init_required=False,
+            )
+        except ValueError as e:
+            if "fp16" in str(e).lower() and "not supported" in str(e).lower():
+                raise ConfigError(fp16_message(device)) from None
+            raise
+        self.module = self.engine.module
+        self.stage = cfg.zero.stage
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def forward(self, batch):
+        return self.engine(**_to(batch, self.device))
+
+    def train_step(self, micro_batches):
+        losses = []
+        manual_norm = None
+        for i, batch in enumerate(micro_batches):
+            out = self.engine(**_to(batch, self.device))
+            self.engine.backward(out.loss)
+            if i == len(micro_batches) - 1 and self.stage == 0 and self.engine.bfloat16_enabled() is False:
+                manual_norm = _grad_norm(self.engine.module.parameters())  # grads already averaged
+            self.engine.step()
+            losses.append(out.loss.detach().float().item())
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = manual_norm
+        elif torch.is_tensor(norm):
+            norm = float(norm)
+        scale = None
+        skipped = False
+        if self.cfg.precision == "fp16":
+            opt = self.engine.optimizer
+            scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0.0)) or 0.0)
+            skipped = bool(getattr(opt, "overflow", False))
+        return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, loss_scale=scale, skipped=skipped)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=ZERO_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model on every rank (gathered from shards at ZeRO-3)."""
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+
+def fp16_supported(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    return True
+
+
+def fp16_message(device: torch.device) -> str:
+    return (
+        f"precision='fp16' is not supported on this device ({device.type}): "
+        "use precision=bf16 (or fp32), e.g. --set precision=bf16"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# DDP baseline
+# --------------------------------------------------------------------------------------
+
+
+class DDPEngine:
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, total_steps: int, device: torch.device):
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .distributed import get_world_size
+
+        if cfg.precision == "fp16" and not fp16_supported(device):
+            raise ConfigError(fp16_message(device))
+        self.cfg = cfg
+        self.device = device
+        self.module = model.to(device)
+        self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None) if get_world_size() > 1 else self.module
+        self.optimizer = build_optimizer(cfg, self.module)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.ds_config = None
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def forward(self, batch):
+        with self._autocast():
+            return self.model(**_to(batch, self.device))
+
+    def train_step(self, micro_batches):
+        import contextlib
+
+        losses = []
+        n = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            sync = i == n - 1 or not hasattr(self.model, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+            with ctx:
+                with self._autocast():
+                    out = self.model(**_to(batch, self.device))
+                loss = out.loss / n
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            losses.append(out.loss.detach().float().item())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.train.max_grad_norm
+        norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip else float("inf")))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = float(self.scaler.get_scale()) if self.scaler else None
+        return StepResult(loss=sum(losses) / n, grad_norm=norm, loss_scale=scale)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        from .distributed import get_rank
+
+        if get_rank() == 0:
+            d = Path(directory) / "ddp"
+            d.mkdir(parents=True, exist_ok=True)
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            if self.scaler:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, d / "state.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / "ddp" / "state.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+
+def build_engine(cfg: RunConfig, model, plan: BatchPlan, total_steps: int, device: torch.device, load_universal: bool = False) -> Engine:
+    if cfg.engine == "ddp":
+        return DDPEngine(cfg, model, plan, total_steps, device)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else os.environ.get("DS_ACCELERATOR", "cuda"))
+    return DeepSpeedEngine(cfg, model, plan, total_steps, device, load_universal)

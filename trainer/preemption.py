@@ -1,0 +1,46 @@
+"""Preemption: a signal only sets a flag; the loop agrees on it across ranks at the next
+step boundary, saves a checkpoint and exits with ``PREEMPTED_EXIT_CODE``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+
+
+class PreemptionFlag:
+    def __init__(self, signals: list[str]):
+        self.received: str | None = None
+        self._previous = {}
+        for name in signals:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    @property
+    def set(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def requeue_slurm_job(env: dict[str, str] | None = None) -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` (the job then starts again and resumes)."""
+    env = dict(os.environ if env is None else env)
+    job = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}" or env.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60, capture_output=True, text=True)
+        print(f"[zerotune] requeued Slurm job {job}", file=sys.stderr, flush=True)
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"[zerotune] could not requeue Slurm job {job}: {e}", file=sys.stderr, flush=True)
+        return False
