@@ -11,12 +11,15 @@
 #                           more than the real count is allowed via
 #                           SlurmdParameters=config_overrides so tests can run
 #                           a few multi-task jobs side by side on a 2-core box.
+#   ZEROTUNE_SLURM_CRED_EXPIRE  AuthInfo cred_expire in s (5, Slurm's minimum);
+#                           also the wait before a requeued job may restart.
 #   ZEROTUNE_SKIP_APT=1     skip apt-get (packages already installed)
 #   ZEROTUNE_SLURM_TIMEOUT  seconds to wait for the node to become idle (30)
 set -euo pipefail
 
 SLURM_DIR=${ZEROTUNE_SLURM_DIR:-/var/lib/zerotune-slurm}
 WAIT_S=${ZEROTUNE_SLURM_TIMEOUT:-30}
+CRED_EXPIRE=${ZEROTUNE_SLURM_CRED_EXPIRE:-5}
 CONF=/etc/slurm/slurm.conf
 
 log() { printf '[cluster-setup] %s\n' "$*"; }
@@ -83,8 +86,13 @@ log "munge OK"
 # --------------------------------------------------------------------------
 # 3. slurm.conf (hardware from `slurmd -C`)
 # --------------------------------------------------------------------------
-HOST=$(hostname -s)
+HOST=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
 [ -n "$HOST" ] || die "empty hostname"
+# srun and the rendezvous (MASTER_ADDR) need the node name to resolve.
+if ! getent hosts "$HOST" >/dev/null; then
+    log "adding '$HOST' to /etc/hosts"
+    echo "127.0.0.1 $HOST" >> /etc/hosts
+fi
 mkdir -p "$SLURM_DIR"/{state,spool,log,run} /etc/slurm
 chmod 755 "$SLURM_DIR" "$SLURM_DIR"/spool
 
@@ -110,8 +118,8 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # Credential lifetime; also the delay before a requeued job may start again
-# (default 120 s).  Kept short so requeue tests do not wait two minutes.
-AuthInfo=cred_expire=10
+# (Slurm default 120 s, minimum 5).  Short so requeue tests restart quickly.
+AuthInfo=cred_expire=${CRED_EXPIRE}
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -176,6 +184,21 @@ if [ "$CONF_CHANGED" = 1 ]; then
     stop_pidfile "$SLURMD_PID"
     stop_pidfile "$CTLD_PID"
 fi
+# Daemons started by the packages' init scripts (other pid files / config)
+# would hold the ports; stop them.
+stop_stray() {
+    local name=$1 pidfile=$2 own="" pid
+    pid_alive "$pidfile" && own=$(cat "$pidfile")
+    for pid in $(pgrep -x "$name" || true); do
+        [ "$pid" = "$own" ] && continue
+        log "stopping $name (pid $pid) not started by this script"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+}
+stop_stray slurmd "$SLURMD_PID"
+stop_stray slurmctld "$CTLD_PID"
 
 diagnose() {
     echo "----- slurm.conf -----";        cat "$CONF" || true
@@ -183,7 +206,7 @@ diagnose() {
     echo "----- scontrol show node -----"; scontrol show node 2>&1 || true
     echo "----- slurmctld.log (tail) -----"; tail -n 50 "$SLURM_DIR/log/slurmctld.log" 2>&1 || true
     echo "----- slurmd.log (tail) -----";    tail -n 50 "$SLURM_DIR/log/slurmd.log" 2>&1 || true
-    echo "----- processes -----"; ps -eo pid,user,args | grep -E '[s]lurm|[m]unge' || true
+    echo "----- processes -----"; pgrep -a 'slurm|munge' || true
 } >&2
 
 if pid_alive "$CTLD_PID"; then
@@ -224,6 +247,11 @@ out=$(timeout 60 srun -N1 -n 2 --time=1 hostname 2>&1) \
     || { echo "$out" >&2; diagnose; die "srun -n 2 failed"; }
 [ "$(grep -c . <<<"$out")" -eq 2 ] || { echo "$out" >&2; die "srun -n 2: unexpected output"; }
 srun --mpi=list 2>&1 | grep -q pmix || log "WARNING: mpi/pmix plugin not listed by 'srun --mpi=list'"
+# Let the smoke-test job finish completing so the first real job starts at once.
+for _ in $(seq 20); do
+    [ "$(sinfo -h -N -n "$HOST" -o '%t' 2>/dev/null | head -n 1)" = idle ] && break
+    sleep 0.5
+done
 
 sinfo
 echo "cluster ready"

@@ -103,7 +103,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     from .spawn import spawn
 
-    return spawn(args.config, args.overrides, pf.nproc_per_node, run_dir, args.resume)
+    return spawn(args.config, args.overrides, pf.nproc_per_node, run_dir, args.resume, pf.cfg.launch.preemption_signals)
 
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate}

@@ -51,6 +51,10 @@ def check(config: str | None, overrides: list[str], nproc: str | int | None = No
           check_data: bool = True) -> Preflight:
     """Raises ConfigError for an unreadable/invalid config; collects every other problem."""
     cfg = load_config(config, overrides)
+    if check_data:
+        from trainer.main import quiet_libraries
+
+        quiet_libraries()
     n = resolve_nproc(nproc, cfg)
     world = n * nnodes
     problems: list[str] = []

@@ -7,6 +7,7 @@ preempted (checkpoint saved), 2 for a config error found inside a rank, else 1 o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def trainer_args(config: str | None, overrides: list[str], run_dir: Path, resume
 def torchrun_args(nproc: int, config: str | None, overrides: list[str], run_dir: Path, resume: str) -> list[str]:
     return [
         "--standalone",
+        # SIGTERM and SIGUSR1 are forwarded to the ranks by forward_preemption_signals: the
+        # ranks checkpoint and exit 75 rather than the agent tearing them down
+        "--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT",
         "--nnodes", "1",
         "--nproc-per-node", str(nproc),
         "--max-restarts", "0",
@@ -40,11 +44,28 @@ def _threads_per_rank(nproc: int) -> int:
     return max(1, cpus // nproc)
 
 
-def spawn(config: str | None, overrides: list[str], nproc: int, run_dir: Path, resume: str) -> int:
+def forward_preemption_signals(signals: list[str]) -> None:
+    """Pass preemption signals on to the rank processes (the agent's children)."""
+    import signal
+
+    import psutil
+
+    def forward(signum, frame):
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
+
+    for name in signals:
+        signal.signal(getattr(signal, name), forward)
+
+
+def spawn(config: str | None, overrides: list[str], nproc: int, run_dir: Path, resume: str,
+          preemption_signals: list[str] = ("SIGTERM", "SIGUSR1")) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_rank(nproc)))
+    forward_preemption_signals(preemption_signals)
     args = parse_args(torchrun_args(nproc, config, overrides, run_dir, resume))
     try:
         run(args)

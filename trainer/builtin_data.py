@@ -1,14 +1,17 @@
 """Datasets the project generates itself, so the default run needs no download.
 
 ``builtin:sentiment`` — short reviews whose label follows the sentiment word, flipped by a
-negation ("the plot was not good" → negative). Learnable by a tiny BERT in a minute,
-but not by word counting alone (negation needs word order).
+negation ("the plot was not good" → negative), and decided by the second clause after a
+"but" ("the cast was dull but the story was moving" → positive). Learnable by a tiny BERT
+in a minute, but not by counting words (negation and contrast need word order).
 ``builtin:echo`` — prompt/response pairs ("count from 7 :" → "8 9 10") for causal-LM SFT.
 """
 
 from __future__ import annotations
 
 import random
+
+VERSION = 2  # part of the data cache key: bump when a generator changes
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "brilliant", "delightful", "superb", "charming", "moving", "fun"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "weak", "clumsy", "tedious", "messy", "bland"]
@@ -19,21 +22,21 @@ TAILS = ["", "", ".", "!", "if you ask me .", "for the most part .", "from start
 NUMBER_WORDS = [str(i) for i in range(40)]
 
 
-def _review(rng: random.Random) -> tuple[str, int]:
-    positive = rng.random() < 0.5
+def _clause(rng: random.Random, positive: bool) -> str:
     negated = rng.random() < 0.3
     word = rng.choice(POSITIVE if positive != negated else NEGATIVE)
     verb = rng.choice(["was", "is", "felt", "seemed"])
-    parts = [
-        rng.choice(OPENERS),
-        "the",
-        rng.choice(SUBJECTS),
-        verb,
-        "not" if negated else "",
-        rng.choice(INTENSIFIERS),
-        word,
-        rng.choice(TAILS),
-    ]
+    parts = ["the", rng.choice(SUBJECTS), verb, "not" if negated else "", rng.choice(INTENSIFIERS), word]
+    return " ".join(p for p in parts if p)
+
+
+def _review(rng: random.Random) -> tuple[str, int]:
+    """One or two clauses; with "but", the second clause decides the label."""
+    positive = rng.random() < 0.5
+    text = _clause(rng, positive)
+    if rng.random() < 0.3:
+        text = _clause(rng, not positive) + " but " + text
+    parts = [rng.choice(OPENERS), text, rng.choice(TAILS)]
     return " ".join(p for p in parts if p), int(positive)
 
 
@@ -65,7 +68,7 @@ def vocabulary() -> list[str]:
     """Every word the generators can emit (the builtin tokenizer's vocabulary)."""
     words = set(POSITIVE + NEGATIVE + INTENSIFIERS + OPENERS + TAILS + NUMBER_WORDS)
     words |= {w for s in SUBJECTS for w in s.split()}
-    words |= {"the", "was", "is", "felt", "seemed", "not", "count", "from", ":", ".", ",", "!"}
+    words |= {"the", "was", "is", "felt", "seemed", "not", "but", "count", "from", ":", ".", ",", "!"}
     out = set()
     for w in words:
         out.update(w.split())

@@ -7,6 +7,7 @@ Layout of ``RUN_DIR/checkpoints/``::
         trainer_state.json    step, epoch, samples/tokens seen, best metric, accumulators
         rng/rank_00000.json   python / numpy / torch RNG of every rank (JSON, no pickle)
         manifest.json         written last: versions, world size, stage, every file's size + sha256
+        hf/                   model config.json + tokenizer, so export needs nothing else
         universal/            DeepSpeed universal checkpoint, made on demand for a new world size
     latest                    text file naming the newest committed step directory
 
@@ -228,6 +229,7 @@ class CheckpointManager:
         self.extra = extra_manifest
         self.rank = get_rank()
         self.world = get_world_size()
+        self.hf_writer = None  # writes model config + tokenizer into a checkpoint (rank 0)
 
     def clean_stale(self) -> None:
         """Leftover ``.tmp`` folders from a crash are never loaded; remove them at start."""
@@ -248,6 +250,8 @@ class CheckpointManager:
         write_json_atomic(tmp / "rng" / f"rank_{self.rank:05d}.json", rng_state())
         if self.rank == 0:
             write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+            if self.hf_writer is not None:
+                self.hf_writer(tmp / "hf")
         faults.maybe_fail("save", step)
         barrier()
         size = 0
@@ -306,7 +310,7 @@ class CheckpointManager:
             if v is not None:
                 scored.append((v if mode == "max" else -v, int(p.name.split("_")[1]), p))
         scored.sort(reverse=True)
-        keep |= {p for _, _, p in scored[: max(c.keep_best, 1 if scored else 0)]}
+        keep |= {p for _, _, p in scored[: c.keep_best]}
         deleted = []
         for p in all_ckpts:
             if p not in keep:

@@ -109,7 +109,7 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     every_steps: int | None = Field(None, ge=1, description="Save every N optimizer steps (and always at the end)")
     keep_last: int | None = Field(2, ge=1, description="Keep the newest N checkpoints; null keeps all")
-    keep_best: int = Field(1, ge=0, description="Also keep the N best by the eval metric")
+    keep_best: int = Field(1, ge=1, description="Also keep the N best by the eval metric (the best is never deleted)")
     keep_every: int | None = Field(None, ge=1, description="Also keep every checkpoint whose step is a multiple of N")
     verify: Literal["checksum", "size"] = Field("checksum", description="How loading verifies the manifest")
     export_final: bool = Field(True, description="Write final/ (save_pretrained + tokenizer) at the end")

@@ -160,6 +160,10 @@ def check_splits(cfg: RunConfig, splits: dict[str, Any], model_num_labels: int |
 def _source_fingerprint(spec: str | None) -> Any:
     if spec is None:
         return None
+    if source_kind(spec) == "builtin":
+        from .builtin_data import VERSION
+
+        return [spec, VERSION]
     if source_kind(spec) == "file":
         st = Path(spec).expanduser().stat()
         return [str(Path(spec).expanduser().resolve()), st.st_size, int(st.st_mtime)]

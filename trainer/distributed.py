@@ -5,6 +5,7 @@ Every helper here also works as one process without a group (rank 0 of 1).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -108,10 +109,8 @@ def init_distributed(env: DistEnv, backend: str = "auto", timeout_minutes: int =
 
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):
             dist.destroy_process_group()
-        except Exception:
-            pass
 
 
 def get_rank() -> int:

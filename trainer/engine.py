@@ -177,9 +177,7 @@ class DeepSpeedEngine:
 
 
 def fp16_supported(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    return True
+    return device.type == "cuda"
 
 
 def fp16_message(device: torch.device) -> str:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -29,9 +28,16 @@ from .deepspeed_config import resolve_batch
 from .distributed import all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object
 from .engine import build_engine
 from .env import DistEnv
+from .export import save_hf_metadata
 from .metrics import build_sinks, memory_stats
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, requeue_slurm_job
-from .tasks import auto_model_class, build_model, classification_metrics, classification_report, lm_metrics, token_loss_sum
+from .tasks import (
+    build_model,
+    classification_metrics,
+    classification_report,
+    lm_metrics,
+    token_loss_sum,
+)
 
 
 @dataclass
@@ -134,6 +140,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, self.tokenizer, self.labels.num_labels if self.labels else None, self.labels.names if self.labels else None)
         self.param_count = sum(p.numel() for p in model.parameters())
+        ckpts.hf_writer = lambda d: save_hf_metadata(model.config, self.tokenizer, d)
         engine = build_engine(cfg, model, plan, total, self.device, load_universal=universal)
         self.engine = engine
         seed_everything(cfg.train.seed + 1000 * self.rank)
@@ -223,7 +230,11 @@ class Trainer:
                     break
 
             if exit_code == PREEMPTED_EXIT_CODE:
-                if self.rank == 0 and cfg.launch.requeue_on_preemption and self.env.job_id and os.environ.get("SLURM_JOB_ID"):
+                barrier()  # every rank has its shard on disk before anyone requeues or exits
+                # slurm/train.sbatch requeues after the step exits 75 (ZEROTUNE_SBATCH_REQUEUE=1);
+                # a user's own batch script gets the requeue from rank 0 here.
+                sbatch_requeues = os.environ.get("ZEROTUNE_SBATCH_REQUEUE") == "1"
+                if self.rank == 0 and cfg.launch.requeue_on_preemption and os.environ.get("SLURM_JOB_ID") and not sbatch_requeues:
                     requeue_slurm_job()
                 return exit_code
 
@@ -245,12 +256,17 @@ class Trainer:
             results = self._results(state, final_eval, test_eval, step_times, digests, time.time() - t_start)
             if self.rank == 0:
                 ckpt_mod.write_json_atomic(self.run_dir / "results.json", results)
+                if "classification_report" in results:
+                    (self.run_dir / "classification_report.txt").write_text(results["classification_report"] + "\n")
                 sinks.log_hparams(self._hparams(), {f"validation_{k}": v for k, v in final_eval.items()})
                 self._summary(results)
             barrier()
             return 0
         finally:
-            flag.restore()
+            if exit_code != PREEMPTED_EXIT_CODE:
+                # after a preemption save the handlers stay: a late SIGTERM from srun's
+                # --kill-on-bad-exit must not turn exit code 75 into 143
+                flag.restore()
             sinks.close()
 
     # ----------------------------------------------------------------------------------
@@ -312,19 +328,9 @@ class Trainer:
         return lm_metrics(total_loss, int(total_n))
 
     def _export(self, module, full: dict[str, torch.Tensor]) -> None:
-        out = self.run_dir / "final"
-        tmp = self.run_dir / "final.tmp"
-        import shutil
+        from .export import save_pretrained
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        fresh = auto_model_class(self.cfg.task).from_config(module.config)
-        missing, unexpected = fresh.load_state_dict(full, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-            raise RuntimeError(f"export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        fresh.save_pretrained(str(tmp), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        save_pretrained(full, module.config, self.run_dir / "final", tokenizer=self.tokenizer)
 
     def _write_env(self, engine, resume_from) -> None:
         import platform

@@ -28,7 +28,7 @@ class JsonlSink:
     """One JSON object per log step and per evaluation: ``{"step", "kind", "time", ...}``."""
 
     def __init__(self, path: Path):
-        self.f = open(path, "a", buffering=1)
+        self.f = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
 
     def log(self, step, values, kind):
         self.f.write(json.dumps({"step": step, "kind": kind, "time": round(time.time(), 3), **values}, default=float) + "\n")

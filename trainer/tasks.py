@@ -13,8 +13,8 @@ from .config import ConfigError, RunConfig
 BUILTIN = "builtin:"
 SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 BUILTIN_MODELS = {
-    "tiny-bert": dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=2),
+    "tiny-bert": dict(model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=128, n_layer=2, n_head=4),
 }
 
 
@@ -155,7 +155,9 @@ def build_model(cfg: RunConfig, tokenizer, num_labels: int | None, label_names: 
             **extra,
         )
         torch.manual_seed(cfg.train.seed)
-        return auto.from_config(conf)
+        model = auto.from_config(conf)
+        model.config.architectures = [type(model).__name__]  # export knows the head to rebuild
+        return model
     path = resolve_model_path(name)
     conf_over = dict(extra)
     if cfg.model.dropout is not None:
@@ -167,6 +169,7 @@ def build_model(cfg: RunConfig, tokenizer, num_labels: int | None, label_names: 
     )
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.architectures = [type(model).__name__]
     return model
 
 
