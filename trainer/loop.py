@@ -12,6 +12,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,18 @@ class TrainerState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+def track_best(state: TrainerState, value: float, step: int, mode: str, patience: int | None, final: bool = False) -> None:
+    """Record the best evaluation; after ``patience`` evaluations without improvement set
+    ``stopped_early`` (the final evaluation updates the best but never counts against it)."""
+    better = state.best_metric is None or (value > state.best_metric if mode == "max" else value < state.best_metric)
+    if better:
+        state.best_metric, state.best_step, state.bad_evals = value, step, 0
+    elif not final:
+        state.bad_evals += 1
+        if patience and state.bad_evals >= patience:
+            state.stopped_early = True
+
+
 def _rows(ds, indices: list[int]) -> list[dict[str, Any]]:
     cols = ds[indices]
     keys = list(cols)
@@ -98,7 +111,7 @@ class Trainer:
         if self.rank == 0:
             from tqdm.auto import tqdm
 
-            tqdm.write(f"[zerotune] {msg}")
+            tqdm.write(f"[zerotune] {msg}", file=sys.stderr)
 
     def run(self) -> int:
         cfg = self.cfg
@@ -159,8 +172,9 @@ class Trainer:
                 f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen; "
                 f"saved with {saved_world} ranks, now {self.world}; grad accumulation {plan.accum}) in {load_seconds:.1f}s"
             )
+        hosts = all_gather_object(socket.gethostname())
         if self.rank == 0:
-            self._write_env(engine, resume_from)
+            self._write_env(engine, resume_from, hosts)
 
         sinks = build_sinks(self.rank, self.run_dir, cfg.logging.tensorboard, cfg.logging.progress_bar, total, state.step)
         if load_seconds is not None:
@@ -273,15 +287,7 @@ class Trainer:
     def _track_best(self, state: TrainerState, ev: dict[str, Any], name: str, mode: str, final: bool = False) -> None:
         if name not in ev:
             raise KeyError(f"eval.metric {name!r} is not among the evaluation metrics {sorted(ev)}")
-        v = ev[name]
-        better = state.best_metric is None or (v > state.best_metric if mode == "max" else v < state.best_metric)
-        if better:
-            state.best_metric, state.best_step, state.bad_evals = v, state.step, 0
-        elif not final:
-            state.bad_evals += 1
-            patience = self.cfg.eval.early_stopping_patience
-            if patience and state.bad_evals >= patience:
-                state.stopped_early = True
+        track_best(state, ev[name], state.step, mode, self.cfg.eval.early_stopping_patience, final)
 
     def _save(self, ckpts, state: TrainerState, sampler: GlobalBatchPlan, sinks, ev, metric_name) -> None:
         epoch, _ = sampler.position(state.step)
@@ -332,12 +338,11 @@ class Trainer:
 
         save_pretrained(full, module.config, self.run_dir / "final", tokenizer=self.tokenizer)
 
-    def _write_env(self, engine, resume_from) -> None:
+    def _write_env(self, engine, resume_from, hosts: list[str]) -> None:
         import platform
 
         from .checkpoint import versions
 
-        hosts = None
         info = {
             "launcher": self.env.launcher,
             "env": self.env.as_dict(),

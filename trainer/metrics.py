@@ -82,9 +82,9 @@ class ConsoleSink:
             self.advance(step)
             shown = {k: values[k] for k in ("loss", "lr", "samples_per_s") if k in values}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        elif kind == "eval":
+        elif kind in ("eval", "test"):
             shown = " ".join(f"{k}={v:.4f}" for k, v in _scalars(values).items() if k not in {"num_samples", "num_tokens"})
-            self.bar.write(f"[eval step {step}] {shown}")
+            self.bar.write(f"[{kind} step {step}] {shown}", file=sys.stderr)
 
     def log_hparams(self, hparams, final):
         pass
@@ -111,12 +111,6 @@ class Sinks:
     def log_hparams(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
         for s in self.sinks:
             s.log_hparams(hparams, final)
-
-    def write(self, text: str) -> None:
-        if self.sinks:
-            from tqdm.auto import tqdm
-
-            tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
         for s in self.sinks:
