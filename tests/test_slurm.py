@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,8 +164,9 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, cache_dir, jobs):
 
 
 def _srun_doctor(cache_dir, *srun_args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["srun", "-n", "2", "--time", "5", *srun_args, "python", "-m", "launcher", "doctor", "--size-mb", "4"],
-                          env=base_env(cache_dir), capture_output=True, text=True, timeout=240)
+    cmd = ["srun", "-n", "2", "--time", "5", "--kill-on-bad-exit=1", *srun_args,
+           sys.executable, "-m", "launcher", "doctor", "--size-mb", "4"]
+    return subprocess.run(cmd, env=base_env(cache_dir), capture_output=True, text=True, timeout=180)
 
 
 def test_doctor_under_srun(cache_dir):
