@@ -165,6 +165,29 @@ class DeepSpeedEngine:
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+        if self.stage == 3 and self.ds_config.get("checkpoint", {}).get("load_universal"):
+            self._fix_stage3_universal_load(Path(directory) / ZERO_TAG / "zero" / "optimizer_state.pt")
+
+    def _fix_stage3_universal_load(self, optim_state: Path) -> None:
+        """Undo two slips of DeepSpeed's ZeRO-3 universal loader (0.19; stages 1-2 load per group):
+
+        * it puts ONE ``step`` tensor object into the state of every sub-group; ZeRO-3 steps
+          the torch optimizer once per sub-group and AdamW increments ``step`` in place, so
+          the shared counter advances by the number of sub-groups per update and the bias
+          correction is wrong from the first step after the resume;
+        * it copies the hyperparameters of the checkpoint's first param group onto every
+          group, so the no-decay group comes back with weight_decay > 0.
+        """
+        opt = self.engine.optimizer
+        base = getattr(opt, "optimizer", opt)
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].detach().clone()
+        saved = torch.load(optim_state, map_location="cpu", weights_only=False)["optimizer_state_dict"]["param_groups"]
+        if len(saved) != len(base.param_groups):
+            raise RuntimeError(f"universal checkpoint has {len(saved)} optimizer param groups, this engine {len(base.param_groups)}")
+        for group, saved_group in zip(base.param_groups, saved):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on every rank (gathered from shards at ZeRO-3)."""

@@ -7,6 +7,7 @@ model skeleton on the ``meta`` device, so the host holds about one fp32 copy of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,7 +69,36 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         # no ZeRO partitions: the module weights are whole in the model-states file
         sd = torch.load(ckpt / ZERO_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ZERO_TAG)
+    # lazy: every parameter is gathered from the (memory-mapped) shards into a tensor of its
+    # own, so the merged weights never exist twice
+    with _mmap_torch_load():
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ZERO_TAG, lazy_mode=True)
+        out: dict[str, torch.Tensor] = {}
+        done: dict[int, str] = {}
+        for name, t in lazy.items():
+            if id(t) in done:  # tied weights: one tensor under two names
+                out[name] = out[done[id(t)]]
+                continue
+            done[id(t)] = name
+            out[name] = t.contiguous() if not torch.is_tensor(t) else t.clone()
+        return out
+
+
+@contextlib.contextmanager
+def _mmap_torch_load():
+    """Map checkpoint files instead of reading them whole: zero_to_fp32 only touches the
+    fp32 partitions, so the Adam moments in the same files never reach host memory."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs.setdefault("mmap", True)
+        return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def export_checkpoint(ckpt: Path, out: Path, max_shard_size: str = "2GB") -> Path:
