@@ -48,8 +48,12 @@ def resolve_nproc(cli_value: str | int | None, cfg: RunConfig) -> int:
 
 
 def check(config: str | None, overrides: list[str], nproc: str | int | None = None, nnodes: int = 1,
-          check_data: bool = True) -> Preflight:
-    """Raises ConfigError for an unreadable/invalid config; collects every other problem."""
+          check_data: bool = True, job_gpus: int | None = None) -> Preflight:
+    """Raises ConfigError for an unreadable/invalid config; collects every other problem.
+
+    ``job_gpus``: GPUs per node of a job that runs elsewhere (``zerotune submit``): the
+    device checks then use the job's GPUs, not this machine's.
+    """
     cfg = load_config(config, overrides)
     if check_data:
         from trainer.main import quiet_libraries
@@ -58,9 +62,9 @@ def check(config: str | None, overrides: list[str], nproc: str | int | None = No
     n = resolve_nproc(nproc, cfg)
     world = n * nnodes
     problems: list[str] = []
-    gpus = gpu_count()
+    gpus = gpu_count() if job_gpus is None else job_gpus
     if gpus and n > gpus:
-        problems.append(f"--nproc-per-node={n} but this machine has {gpus} GPU(s): use at most {gpus} (one rank per GPU)")
+        problems.append(f"--nproc-per-node={n} but {'this machine has' if job_gpus is None else 'the job asks for'} {gpus} GPU(s): use at most {gpus} (one rank per GPU)")
     if cfg.precision == "fp16" and not gpus:
         problems.append("precision='fp16' is not supported on this device (cpu): use precision=bf16 (or fp32), e.g. --set precision=bf16")
     plan = None

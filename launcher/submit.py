@@ -168,10 +168,9 @@ def run(args) -> int:
     run_dir = (Path(args.run_dir) if args.run_dir else default_run_dir(args.config)).expanduser().resolve()
     submit_dir = Path.cwd().resolve()
     try:
-        pf = check(args.config, args.overrides, nproc=nproc, nnodes=args.nodes)
-        problems = [p for p in pf.problems if not (args.gpus_per_node and _about_local_devices(p))]
-        if problems:
-            raise ConfigError(problems)
+        pf = check(args.config, args.overrides, nproc=nproc, nnodes=args.nodes, job_gpus=args.gpus_per_node or 0)
+        if pf.problems:
+            raise ConfigError(pf.problems)
         job = JobSpec(run_dir, submit_dir, sys.executable, job_options(args, run_dir, submit_dir, nproc), args.config or "demo")
         script = render(template.read_text(), job)
     except ConfigError as e:
@@ -203,8 +202,3 @@ def run(args) -> int:
     print(f"submitted job {job_id}" + (" (resumes from the latest checkpoint)" if resuming else ""))
     print(f"log: {run_dir / f'slurm-{job_id}.out'}")
     return EXIT_OK
-
-
-def _about_local_devices(problem: str) -> bool:
-    """Pre-flight checks this machine's GPUs; a GPU job runs on the compute nodes' GPUs."""
-    return problem.startswith("precision='fp16'") or (problem.startswith("--nproc-per-node=") and "GPU(s)" in problem)

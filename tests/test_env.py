@@ -57,6 +57,12 @@ def test_srun_pmix_agreeing_ids_use_slurm_master():
     assert got.launcher == "slurm" and got.rank == 1 and got.master_addr == "gpu003"
 
 
+def test_srun_pmix_without_pmix_size_keeps_slurm_world():
+    env = {**SLURM_STEP, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "PMIX_RANK": "1"}
+    got = detect_env(env)
+    assert (got.launcher, got.rank, got.world_size) == ("slurm", 1, 2)
+
+
 def test_torchrun_wins_over_everything():
     got = detect_env({**SLURM_STEP, **OPENMPI, **TORCHRUN})
     assert got.launcher == "torchrun" and got.rank == 3
@@ -76,7 +82,7 @@ def test_first_slurm_host(nodelist, first):
 def test_slurm_port_is_deterministic_and_differs_between_jobs():
     assert slurm_port("123") == slurm_port("123")
     assert slurm_port("123") != slurm_port("124")
-    assert 15000 <= slurm_port("987654321") < 35000
+    assert 15000 <= slurm_port("987654321") < 32768
 
 
 def test_bad_integer_names_the_variable():

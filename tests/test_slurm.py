@@ -70,12 +70,16 @@ def job_state(job: str) -> str:
     return job_info(job).get("JobState", "GONE")
 
 
-def wait_for(what: str, predicate: Callable[[], object], timeout: float, diagnose: Callable[[], str] = lambda: "") -> object:
+def wait_for(what: str, predicate: Callable[[], object], timeout: float, diagnose: Callable[[], str] = lambda: "",
+             job: str | None = None) -> object:
+    """Poll ``predicate``; fail on timeout, or at once if ``job`` has ended meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        if job is not None and job_state(job) in TERMINAL:
+            pytest.fail(f"job {job} ended while waiting for {what}\n{diagnose()}")
         time.sleep(1)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnose()}")
 
@@ -137,16 +141,16 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, cache_dir, jobs):
     def records() -> list[dict]:
         return read_jsonl(metrics) if metrics.is_file() else []
 
-    wait_for("training to start", lambda: any(r["kind"] == "train" for r in records()), 180, why)
+    wait_for("training to start", lambda: any(r["kind"] == "train" for r in records()), 180, why, job)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
-    wait_for("the requeue (Restarts=1)", lambda: int(job_info(job).get("Restarts", "0")) >= 1, 120, why)
+    wait_for("the requeue (Restarts=1)", lambda: int(job_info(job).get("Restarts", "0")) >= 1, 120, why, job)
 
     def resumed_and_stepped() -> bool:
         recs = records()
         marks = [i for i, r in enumerate(recs) if r["kind"] == "checkpoint" and r.get("restart_count") == 1]
         return bool(marks) and any(r["kind"] == "train" and r["step"] > recs[marks[0]]["step"] for r in recs[marks[0]:])
 
-    wait_for("the restarted job to resume and train on", resumed_and_stepped, 150, why)
+    wait_for("the restarted job to resume and train on", resumed_and_stepped, 150, why, job)
     log = log_text(run_dir, job)
     first, _, second = log.partition("SLURM_RESTART_COUNT=1")
     assert second, log[-4000:]

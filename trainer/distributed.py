@@ -66,7 +66,11 @@ def _agree_master_over_mpi(env: DistEnv) -> tuple[str, int]:
         except OSError:
             addr = "127.0.0.1"
         payload = (addr, free_port())
-    return comm.bcast(payload, root=0)
+    agreed = comm.bcast(payload, root=0)
+    # done with MPI: finalizing now lets mpirun abort the job promptly if a rank fails later,
+    # instead of waiting for the collective timeout
+    MPI.Finalize()
+    return agreed
 
 
 def export_env(env: DistEnv) -> DistEnv:

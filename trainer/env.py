@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 SLURM_PORT_BASE = 15000
-SLURM_PORT_SPAN = 20000
+SLURM_PORT_SPAN = 17000  # ports stay below Linux's ephemeral range (32768+)
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,10 @@ def detect_env(env: Mapping[str, str]) -> DistEnv:
     slurm_step = _is_slurm_step(env)
     if flavour is not None and slurm_step:
         mpi = _detect_mpi(env, flavour)
-        agrees = _int(env, "SLURM_PROCID") == mpi.rank and _int(env, "SLURM_NTASKS", 1) == mpi.world_size
+        size_key = MPI_TABLES[flavour][2]  # srun --mpi=pmix sets PMIX_RANK but no PMIX_SIZE
+        agrees = _int(env, "SLURM_PROCID") == mpi.rank and (
+            size_key not in env or _int(env, "SLURM_NTASKS", 1) == mpi.world_size
+        )
         if not agrees:  # mpirun inside an sbatch shell: inherited SLURM_* are stale
             return mpi
     if slurm_step:

@@ -277,9 +277,12 @@ class Trainer:
             barrier()
             return 0
         finally:
-            if exit_code != PREEMPTED_EXIT_CODE:
-                # after a preemption save the handlers stay: a late SIGTERM from srun's
-                # --kill-on-bad-exit must not turn exit code 75 into 143
+            if exit_code == PREEMPTED_EXIT_CODE:
+                # after a preemption save, a late SIGTERM (srun's --kill-on-bad-exit once another
+                # rank exited 75) must not turn exit code 75 into 143; Python resets its own
+                # handlers during shutdown but leaves "ignore" alone
+                flag.ignore()
+            else:
                 flag.restore()
             sinks.close()
 

@@ -26,6 +26,10 @@ class PreemptionFlag:
     def set(self) -> bool:
         return self.received is not None
 
+    def ignore(self) -> None:
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
