@@ -40,13 +40,16 @@ def test_pretrained_minilm_on_sst2(tmp_path, cache_dir):
         ["train", str(ROOT / "configs" / "sst2-minilm.yaml"), "--run-dir", str(d),
          "--set", f"data.train={SST2 / 'train.tsv'}", "--set", f"data.validation={SST2 / 'dev.tsv'}",
          "--set", "train.max_steps=24", "--set", "eval.every_steps=null", "--set", "checkpoint.every_steps=null",
+         # a short run needs a livelier schedule than the config's 5e-5 with linear decay
+         "--set", "train.lr=2e-4", "--set", "train.scheduler=constant", "--set", "train.warmup_steps=2",
          "--set", "logging.every_steps=4", "--set", "logging.progress_bar=false"],
         cache_dir,
     )
     check_ok(proc)
     r = results(d)
     assert r["validation"]["num_samples"] == 872  # the whole dev split, each sentence once
-    assert r["validation"]["accuracy"] > 0.6, r["validation"]  # pretrained encoder: well above chance in 24 steps
+    # pretrained encoder: far above chance (0.51) after 24 steps × 32 (0.79 measured)
+    assert r["validation"]["accuracy"] > 0.7, r["validation"]
     assert json.loads((d / "env.json").read_text())["parameters"] > 20_000_000
     from transformers import AutoModelForSequenceClassification
 
