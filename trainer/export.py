@@ -69,6 +69,10 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         # no ZeRO partitions: the module weights are whole in the model-states file
         sd = torch.load(ckpt / ZERO_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    if manifest.get("zero_stage") in (1, 2):
+        sd = _merge_zero12(ckpt / ZERO_TAG)
+        if sd is not None:
+            return sd
     # lazy: every parameter is gathered from the (memory-mapped) shards into a tensor of its
     # own, so the merged weights never exist twice
     with _mmap_torch_load():
@@ -82,6 +86,55 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
             done[id(t)] = name
             out[name] = t.contiguous() if not torch.is_tensor(t) else t.clone()
         return out
+
+
+def _merge_zero12(zero_dir: Path) -> dict[str, torch.Tensor] | None:
+    """ZeRO-1/2 fp32 weights, one parameter at a time, from memory-mapped shards.
+
+    DeepSpeed's ``zero_to_fp32`` concatenates every rank's partition into one vector first
+    (its own comment: "memory usage doubles here"); here each parameter is copied straight
+    from the rank partitions it spans, so the host holds one copy. Returns None for layouts
+    it does not handle (frozen parameters), and the caller falls back to DeepSpeed's merge.
+    """
+    import re
+
+    def load(f):
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+
+    model_files = sorted(zero_dir.glob("mp_rank_*_model_states.pt"))
+    optim_files = sorted(zero_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                         key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    if len(model_files) != 1 or not optim_files:
+        return None
+    ms = load(model_files[0])
+    if ms.get("frozen_param_shapes"):
+        return None
+    osds = [load(f)["optimizer_state_dict"] for f in optim_files]
+    if any("single_partition_of_fp32_groups" not in o for o in osds):
+        return None
+    paddings = osds[0].get("param_alignment_paddings")
+    out: dict[str, torch.Tensor] = {
+        k: (v.float() if v.is_floating_point() else v).clone() for k, v in ms["module"].items() if k in ms["buffer_names"]
+    }
+    for g, shapes in enumerate(ms["param_shapes"]):
+        chunks = [o["single_partition_of_fp32_groups"][g] for o in osds]
+        starts = [0]
+        for c in chunks:
+            starts.append(starts[-1] + c.numel())
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            n = int(torch.Size(shape).numel())
+            flat = torch.empty(n, dtype=torch.float32)
+            for r, c in enumerate(chunks):  # the ranks whose partition overlaps [offset, offset+n)
+                a, b = max(offset, starts[r]), min(offset + n, starts[r + 1])
+                if a < b:
+                    flat[a - offset : b - offset] = c[a - starts[r] : b - starts[r]]
+            out[name] = flat.view(shape)
+            offset += n + (paddings[g][i] if paddings else 0)
+    for alias, source in ms.get("shared_params", {}).items():
+        if source in out:
+            out[alias] = out[source]
+    return out
 
 
 @contextlib.contextmanager
