@@ -184,7 +184,7 @@ class Trainer:
         metric_name, mode = cfg.eval_metric()
         step_times: list[float] = []
         last_eval: dict[str, Any] | None = None
-        last_saved = -1
+        last_saved = state.step if resume_from is not None else -1  # no re-save of what was loaded
         exit_code = 0
         try:
             engine.train()
