@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from . import faults
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .distributed import barrier, broadcast_object, get_rank, get_world_size
 
 MANIFEST = "manifest.json"
@@ -350,22 +349,3 @@ def ensure_universal(ckpt: Path) -> Path:
     if not (out / "DONE").exists():
         raise CheckpointError(f"universal conversion of {ckpt} did not complete")
     return out
-
-
-def warn(msg: str) -> None:
-    if get_rank() == 0:
-        warnings.warn(msg, stacklevel=2)
-
-
-__all__ = [
-    "CheckpointError",
-    "CheckpointManager",
-    "ConfigError",
-    "check_compatible",
-    "ensure_universal",
-    "find_valid",
-    "load_trainer_state",
-    "resolve_resume",
-    "set_rng_state",
-    "verify",
-]

@@ -250,15 +250,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _format_validation_error(err: ValidationError, raw: dict[str, Any]) -> list[str]:
+def _format_validation_error(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not isinstance(x, int) or True)
+        loc = ".".join(str(x) for x in e["loc"])
         value = e.get("input")
         if e["type"] == "extra_forbidden":
-            parent = raw
-            for part in e["loc"][:-1]:
-                parent = parent.get(part, {}) if isinstance(parent, dict) else {}
             problems.append(f"{loc}: unknown key (value {value!r}); check the spelling against `zerotune validate --help-keys`")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
@@ -280,7 +277,7 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(d)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, d)) from None
+        raise ConfigError(_format_validation_error(err)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -8,7 +8,6 @@ build), DeepSpeed's on GPU; schedule: warm-up then linear / cosine / constant.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -303,5 +302,4 @@ class DDPEngine:
 def build_engine(cfg: RunConfig, model, plan: BatchPlan, total_steps: int, device: torch.device, load_universal: bool = False) -> Engine:
     if cfg.engine == "ddp":
         return DDPEngine(cfg, model, plan, total_steps, device)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else os.environ.get("DS_ACCELERATOR", "cuda"))
     return DeepSpeedEngine(cfg, model, plan, total_steps, device, load_universal)

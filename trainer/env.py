@@ -32,10 +32,6 @@ class DistEnv:
     job_id: str | None = None
     restart_count: int = 0
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1 or self.launcher != "single"
-
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -182,8 +178,3 @@ def detect_env(env: Mapping[str, str]) -> DistEnv:
         job_id=env.get("SLURM_JOB_ID"),
         restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
     )
-
-
-def under_launcher(env: Mapping[str, str]) -> bool:
-    """True when ranks already exist (torchrun, srun step, mpirun): run in place."""
-    return detect_env(env).launcher != "single"

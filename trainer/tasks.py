@@ -173,12 +173,6 @@ def build_model(cfg: RunConfig, tokenizer, num_labels: int | None, label_names: 
     return model
 
 
-def auto_model_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-
-
 # --------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------
