@@ -22,10 +22,22 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("doctor", help="check the distributed setup: rendezvous, collectives, bandwidth (also under srun/mpirun)")
-    p.add_argument("--nproc-per-node", type=int, default=1,
-                   help="ranks to spawn on this machine when not started by torchrun/srun/mpirun (default 1)")
-    p.add_argument("--size-mb", type=float, default=32.0, help="all-reduce size for the bandwidth probe, MB (default 32)")
+    p = sub.add_parser(
+        "doctor",
+        help="check the distributed setup: rendezvous, collectives, bandwidth (also under srun/mpirun)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="ranks to spawn on this machine when not started by torchrun/srun/mpirun (default 1)",
+    )
+    p.add_argument(
+        "--size-mb",
+        type=float,
+        default=32.0,
+        help="all-reduce size for the bandwidth probe, MB (default 32)",
+    )
     p.add_argument("--iters", type=int, default=5, help="timed all-reduce iterations (default 5)")
     p.set_defaults(func=run)
 
@@ -46,8 +58,22 @@ def _spawn(args) -> int:
     from torch.distributed.run import run as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    argv = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.nproc_per_node), "--max-restarts", "0",
-            "--module", "launcher", "doctor", "--size-mb", str(args.size_mb), "--iters", str(args.iters)]
+    argv = [
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(args.nproc_per_node),
+        "--max-restarts",
+        "0",
+        "--module",
+        "launcher",
+        "doctor",
+        "--size-mb",
+        str(args.size_mb),
+        "--iters",
+        str(args.iters),
+    ]
     try:
         torchrun(parse_args(argv))
     except ChildFailedError as e:
@@ -78,8 +104,10 @@ def master_problem(master_addr: str, hostnames: list[str]) -> str | None:
         return f"MASTER_ADDR={master_addr} does not resolve on rank 0's host {host}"
     if master_ips & _addresses(host) or any(_is_local(ip) for ip in master_ips):
         return None
-    return (f"rank 0 runs on {host} ({', '.join(sorted(_addresses(host))) or 'unresolvable'}) but MASTER_ADDR={master_addr} "
-            f"resolves to {', '.join(sorted(master_ips))}: the first host of the allocation must run rank 0")
+    return (
+        f"rank 0 runs on {host} ({', '.join(sorted(_addresses(host))) or 'unresolvable'}) but MASTER_ADDR={master_addr} "
+        f"resolves to {', '.join(sorted(master_ips))}: the first host of the allocation must run rank 0"
+    )
 
 
 def _is_local(ip: str) -> bool:
@@ -96,7 +124,9 @@ def _is_local(ip: str) -> bool:
 def _versions() -> dict[str, str]:
     from trainer.checkpoint import versions
 
-    return {k: v for k, v in versions().items() if k in ("python", "torch", "deepspeed", "transformers")}
+    return {
+        k: v for k, v in versions().items() if k in ("python", "torch", "deepspeed", "transformers")
+    }
 
 
 def check_ranks(env, size_mb: float, iters: int) -> int:
@@ -111,21 +141,29 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
     )
 
     if not 0 <= env.rank < env.world_size:
-        print(f"doctor: FAILED: rank {env.rank} but world size {env.world_size} ({env.launcher}): "
-              "the launcher's rank/size variables disagree", file=sys.stderr)
+        print(
+            f"doctor: FAILED: rank {env.rank} but world size {env.world_size} ({env.launcher}): "
+            "the launcher's rank/size variables disagree",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     device = device_for(env)
     backend = backend_for(device)
     try:
         env, device = init_distributed(env, timeout_minutes=2)
     except Exception as e:  # a rendezvous that fails is the finding, not a crash
-        print(f"doctor: rank {env.rank}: init_process_group({backend}) via {os.environ.get('MASTER_ADDR')}:"
-              f"{os.environ.get('MASTER_PORT')} failed: {e}", file=sys.stderr)
+        print(
+            f"doctor: rank {env.rank}: init_process_group({backend}) via {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')} failed: {e}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     try:
         rank, world = env.rank, env.world_size
         me = {
-            "rank": rank, "local_rank": env.local_rank, "host": socket.gethostname(),
+            "rank": rank,
+            "local_rank": env.local_rank,
+            "host": socket.gethostname(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "versions": _versions(),
         }
@@ -136,10 +174,14 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
             if problem:
                 problems.append(problem)
             if [r["rank"] for r in ranks] != list(range(world)):
-                problems.append(f"ranks reported {[r['rank'] for r in ranks]}, expected 0..{world - 1}")
+                problems.append(
+                    f"ranks reported {[r['rank'] for r in ranks]}, expected 0..{world - 1}"
+                )
             for r in ranks[1:]:
                 if r["versions"] != ranks[0]["versions"]:
-                    problems.append(f"rank {r['rank']} has versions {r['versions']}, rank 0 has {ranks[0]['versions']}")
+                    problems.append(
+                        f"rank {r['rank']} has versions {r['versions']}, rank 0 has {ranks[0]['versions']}"
+                    )
 
         problems += _collectives(rank, world, device)
         bandwidth = _bandwidth(world, device, size_mb, iters)
@@ -171,7 +213,9 @@ def _collectives(rank: int, world: int, device) -> list[str]:
     dist.all_gather(parts, torch.tensor([rank, rank * rank], dtype=torch.int64, device=device))
     got = [p.tolist() for p in parts]
     if got != [[r, r * r] for r in range(world)]:
-        problems.append(f"all-gather returned {got} on rank {rank}, expected {[[r, r * r] for r in range(world)]}")
+        problems.append(
+            f"all-gather returned {got} on rank {rank}, expected {[[r, r * r] for r in range(world)]}"
+        )
     return problems
 
 
@@ -192,14 +236,28 @@ def _bandwidth(world: int, device, size_mb: float, iters: int) -> dict[str, floa
     sync()
     seconds = (time.perf_counter() - start) / max(iters, 1)
     algbw = n * 4 / seconds / 1e9
-    return {"mb": n * 4 / 1e6, "ms": seconds * 1e3, "algbw": algbw, "busbw": algbw * 2 * (world - 1) / world}
+    return {
+        "mb": n * 4 / 1e6,
+        "ms": seconds * 1e3,
+        "algbw": algbw,
+        "busbw": algbw * 2 * (world - 1) / world,
+    }
 
 
 def _report(env, backend: str, ranks: list[dict], bw: dict[str, float]) -> None:
     v = ranks[0]["versions"]
-    print(f"launcher {env.launcher}, world {env.world_size}, master {env.master_addr}:{env.master_port}, backend {backend}")
-    print("versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "deepspeed", "transformers") if k in v))
+    print(
+        f"launcher {env.launcher}, world {env.world_size}, master {env.master_addr}:{env.master_port}, backend {backend}"
+    )
+    print(
+        "versions: "
+        + ", ".join(
+            f"{k} {v[k]}" for k in ("python", "torch", "deepspeed", "transformers") if k in v
+        )
+    )
     print(f"{'rank':>4} {'local':>5}  {'host':<24} device")
     for r in ranks:
         print(f"{r['rank']:>4} {r['local_rank']:>5}  {r['host']:<24} {r['device']}")
-    print(f"all-reduce {bw['mb']:.1f} MB: {bw['ms']:.2f} ms, algbw {bw['algbw']:.2f} GB/s, busbw {bw['busbw']:.2f} GB/s")
+    print(
+        f"all-reduce {bw['mb']:.1f} MB: {bw['ms']:.2f} ms, algbw {bw['algbw']:.2f} GB/s, busbw {bw['busbw']:.2f} GB/s"
+    )

@@ -11,8 +11,13 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a consolidated Hugging Face model (safetensors + tokenizer) from a checkpoint")
-    p.add_argument("source", help="a run directory (its newest valid checkpoint) or a checkpoint directory")
+    p = sub.add_parser(
+        "export",
+        help="write a consolidated Hugging Face model (safetensors + tokenizer) from a checkpoint",
+    )
+    p.add_argument(
+        "source", help="a run directory (its newest valid checkpoint) or a checkpoint directory"
+    )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     p.set_defaults(func=run)
@@ -30,7 +35,11 @@ def run(args) -> int:
 
     src = Path(args.source)
     try:
-        ckpt = resolve_resume(src, "auto" if (src / "checkpoints").is_dir() else str(src), warn=lambda m: print(m, file=sys.stderr))
+        ckpt = resolve_resume(
+            src,
+            "auto" if (src / "checkpoints").is_dir() else str(src),
+            warn=lambda m: print(m, file=sys.stderr),
+        )
     except CheckpointError as e:
         print(f"zerotune export: {e}", file=sys.stderr)
         return 2
@@ -40,6 +49,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     out = export_checkpoint(ckpt, Path(args.out), args.max_shard_size)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
-    print(f"exported {ckpt} → {out} ({size / 2**20:.1f} MB of safetensors) in {time.perf_counter() - t0:.1f}s; "
-          f"peak host memory {peak_rss_mb():.0f} MB")
+    print(
+        f"exported {ckpt} → {out} ({size / 2**20:.1f} MB of safetensors) in {time.perf_counter() - t0:.1f}s; "
+        f"peak host memory {peak_rss_mb():.0f} MB"
+    )
     return 0

@@ -41,14 +41,22 @@ def resolve_nproc(cli_value: str | int | None, cfg: RunConfig) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"--nproc-per-node={value!r}: expected a positive integer or 'auto'") from None
+        raise ConfigError(
+            f"--nproc-per-node={value!r}: expected a positive integer or 'auto'"
+        ) from None
     if n < 1:
         raise ConfigError(f"--nproc-per-node={n}: expected at least 1")
     return n
 
 
-def check(config: str | None, overrides: list[str], nproc: str | int | None = None, nnodes: int = 1,
-          check_data: bool = True, job_gpus: int | None = None) -> Preflight:
+def check(
+    config: str | None,
+    overrides: list[str],
+    nproc: str | int | None = None,
+    nnodes: int = 1,
+    check_data: bool = True,
+    job_gpus: int | None = None,
+) -> Preflight:
     """Raises ConfigError for an unreadable/invalid config; collects every other problem.
 
     ``job_gpus``: GPUs per node of a job that runs elsewhere (``zerotune submit``): the
@@ -64,9 +72,13 @@ def check(config: str | None, overrides: list[str], nproc: str | int | None = No
     problems: list[str] = []
     gpus = gpu_count() if job_gpus is None else job_gpus
     if gpus and n > gpus:
-        problems.append(f"--nproc-per-node={n} but {'this machine has' if job_gpus is None else 'the job asks for'} {gpus} GPU(s): use at most {gpus} (one rank per GPU)")
+        problems.append(
+            f"--nproc-per-node={n} but {'this machine has' if job_gpus is None else 'the job asks for'} {gpus} GPU(s): use at most {gpus} (one rank per GPU)"
+        )
     if cfg.precision == "fp16" and not gpus:
-        problems.append("precision='fp16' is not supported on this device (cpu): use precision=bf16 (or fp32), e.g. --set precision=bf16")
+        problems.append(
+            "precision='fp16' is not supported on this device (cpu): use precision=bf16 (or fp32), e.g. --set precision=bf16"
+        )
     plan = None
     try:
         plan = resolve_batch(cfg, world)
@@ -85,7 +97,14 @@ def check(config: str | None, overrides: list[str], nproc: str | int | None = No
                 f"train.global_batch_size={plan.global_batch} is larger than the training set ({train_rows} rows "
                 "after the validation carve-out): lower the batch size or add data"
             )
-    return Preflight(cfg=cfg, world_size=world, nproc_per_node=n, plan=plan, train_rows=train_rows, problems=problems)
+    return Preflight(
+        cfg=cfg,
+        world_size=world,
+        nproc_per_node=n,
+        plan=plan,
+        train_rows=train_rows,
+        problems=problems,
+    )
 
 
 def _check_data(cfg: RunConfig) -> int:
@@ -108,7 +127,9 @@ def _check_data(cfg: RunConfig) -> int:
 
         name = cfg.model.name_or_path.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
-            problems.append(f"model.name_or_path={cfg.model.name_or_path!r}: unknown builtin model; choose one of {sorted(BUILTIN_MODELS)}")
+            problems.append(
+                f"model.name_or_path={cfg.model.name_or_path!r}: unknown builtin model; choose one of {sorted(BUILTIN_MODELS)}"
+            )
     splits = None
     try:
         splits = load_raw_splits(cfg)

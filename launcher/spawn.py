@@ -22,16 +22,23 @@ def trainer_args(config: str | None, overrides: list[str], run_dir: Path, resume
     return args + ["--run-dir", str(run_dir), "--resume", resume]
 
 
-def torchrun_args(nproc: int, config: str | None, overrides: list[str], run_dir: Path, resume: str) -> list[str]:
+def torchrun_args(
+    nproc: int, config: str | None, overrides: list[str], run_dir: Path, resume: str
+) -> list[str]:
     return [
         "--standalone",
         # SIGTERM and SIGUSR1 are forwarded to the ranks by forward_preemption_signals: the
         # ranks checkpoint and exit 75 rather than the agent tearing them down
-        "--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT",
-        "--nnodes", "1",
-        "--nproc-per-node", str(nproc),
-        "--max-restarts", "0",
-        "--module", "trainer",
+        "--signals-to-handle",
+        "SIGINT,SIGHUP,SIGQUIT",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        "0",
+        "--module",
+        "trainer",
         *trainer_args(config, overrides, run_dir, resume),
     ]
 
@@ -59,8 +66,14 @@ def forward_preemption_signals(signals: list[str]) -> None:
         signal.signal(getattr(signal, name), forward)
 
 
-def spawn(config: str | None, overrides: list[str], nproc: int, run_dir: Path, resume: str,
-          preemption_signals: list[str] = ("SIGTERM", "SIGUSR1")) -> int:
+def spawn(
+    config: str | None,
+    overrides: list[str],
+    nproc: int,
+    run_dir: Path,
+    resume: str,
+    preemption_signals: list[str] = ("SIGTERM", "SIGUSR1"),
+) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -72,10 +85,16 @@ def spawn(config: str | None, overrides: list[str], nproc: int, run_dir: Path, r
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         if PREEMPTED_EXIT_CODE in codes:
-            print(f"zerotune: preempted; checkpoint saved in {run_dir}/checkpoints — run the same command to resume", file=sys.stderr)
+            print(
+                f"zerotune: preempted; checkpoint saved in {run_dir}/checkpoints — run the same command to resume",
+                file=sys.stderr,
+            )
             return PREEMPTED_EXIT_CODE
         if codes == [2]:
             return 2
-        print(f"zerotune: rank(s) failed with exit code(s) {codes}; see the output above", file=sys.stderr)
+        print(
+            f"zerotune: rank(s) failed with exit code(s) {codes}; see the output above",
+            file=sys.stderr,
+        )
         return 1
     return 0

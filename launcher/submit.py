@@ -41,7 +41,9 @@ class JobSpec:
     run_dir: Path
     submit_dir: Path
     python: str
-    options: dict[str, str | None] = field(default_factory=dict)  # sbatch long option → value (None: a flag)
+    options: dict[str, str | None] = field(
+        default_factory=dict
+    )  # sbatch long option → value (None: a flag)
     config_source: str = "demo"
 
 
@@ -66,16 +68,28 @@ def render(template: str, job: JobSpec) -> str:
     lines = template.splitlines()
     idx = [i for i, line in enumerate(lines) if SBATCH_LINE.match(line)]
     if not idx or lines.count(DEFAULT_ARGS_LINE) != 1:
-        raise ConfigError(f"{template_path()}: not a zerotune sbatch template (#SBATCH block or {DEFAULT_ARGS_LINE!r} missing)")
+        raise ConfigError(
+            f"{template_path()}: not a zerotune sbatch template (#SBATCH block or {DEFAULT_ARGS_LINE!r} missing)"
+        )
     template_lines = {SBATCH_LINE.match(lines[i]).group(1): lines[i] for i in idx}
-    new_block = [sbatch_line(opt, job.options[opt]) if opt in job.options else line for opt, line in template_lines.items()]
-    new_block += [sbatch_line(opt, value) for opt, value in job.options.items() if opt not in template_lines]
-    args = " ".join(shlex.quote(_check_value("path", str(p))) for p in (job.run_dir / "config.yaml", job.run_dir))
+    new_block = [
+        sbatch_line(opt, job.options[opt]) if opt in job.options else line
+        for opt, line in template_lines.items()
+    ]
+    new_block += [
+        sbatch_line(opt, value) for opt, value in job.options.items() if opt not in template_lines
+    ]
+    args = " ".join(
+        shlex.quote(_check_value("path", str(p)))
+        for p in (job.run_dir / "config.yaml", job.run_dir)
+    )
     defaults = [
         f"ZEROTUNE_DEFAULT_ARGS=({args})",
         f"PYTHON=${{PYTHON:-{shlex.quote(_check_value('python', job.python))}}}",
     ]
-    header = [f"# Rendered by `zerotune submit` from {shlex.quote(job.config_source)}; resubmit with: sbatch {shlex.quote(str(job.run_dir / 'submit.sbatch'))}"]
+    header = [
+        f"# Rendered by `zerotune submit` from {shlex.quote(job.config_source)}; resubmit with: sbatch {shlex.quote(str(job.run_dir / 'submit.sbatch'))}"
+    ]
     body = lines[: idx[0]] + header + new_block + lines[idx[-1] + 1 :]
     body = [line for out in body for line in (defaults if out == DEFAULT_ARGS_LINE else [out])]
     return "\n".join(body) + "\n"
@@ -93,7 +107,9 @@ def job_options(args, run_dir: Path, submit_dir: Path, nproc: int) -> dict[str, 
         opts["cpus-per-task"] = str(args.cpus_per_task)
     if args.time is not None:
         if not TIME_FORMAT.match(args.time):
-            raise ConfigError(f"--time={args.time!r}: use minutes, HH:MM:SS or D-HH:MM:SS (Slurm's formats)")
+            raise ConfigError(
+                f"--time={args.time!r}: use minutes, HH:MM:SS or D-HH:MM:SS (Slurm's formats)"
+            )
         opts["time"] = args.time
     if args.signal_lead is not None:
         opts["signal"] = f"B:USR1@{args.signal_lead}"
@@ -106,7 +122,9 @@ def job_options(args, run_dir: Path, submit_dir: Path, nproc: int) -> dict[str, 
     for extra in args.sbatch_args:
         m = re.match(r"^--([A-Za-z0-9-]+)(?:=(.*))?$", extra, re.S)
         if not m:
-            raise ConfigError(f"--sbatch-arg={extra!r}: expected a long option, e.g. --sbatch-arg=--mem=32G")
+            raise ConfigError(
+                f"--sbatch-arg={extra!r}: expected a long option, e.g. --sbatch-arg=--mem=32G"
+            )
         opts[m.group(1)] = m.group(2)
     for name, value in opts.items():
         if value is not None:
@@ -122,21 +140,51 @@ def add_parser(sub) -> None:
     )
     p.add_argument("config", nargs="?", help="YAML run config (default: the embedded demo)")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (one task per GPU); omit on CPU-only clusters")
-    p.add_argument("--nproc-per-node", type=int, help="tasks (ranks) per node; default --gpus-per-node, required without it")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="GPUs per node (one task per GPU); omit on CPU-only clusters",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="tasks (ranks) per node; default --gpus-per-node, required without it",
+    )
     p.add_argument("--cpus-per-task", type=int, help="CPU cores per task (default: the template's)")
-    p.add_argument("--run-dir", help="run directory (default runs/<config name>); submitting again resumes")
-    p.add_argument("--time", help="time limit, e.g. 12:00:00 or 2-00:00:00 (default: the template's)")
+    p.add_argument(
+        "--run-dir", help="run directory (default runs/<config name>); submitting again resumes"
+    )
+    p.add_argument(
+        "--time", help="time limit, e.g. 12:00:00 or 2-00:00:00 (default: the template's)"
+    )
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--job-name", help="job name (default: the run directory's name)")
-    p.add_argument("--signal-lead", type=int, metavar="SECONDS",
-                   help="send USR1 this long before the time limit (checkpoint + requeue); default: the template's 120")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (baked into RUN_DIR/config.yaml)")
-    p.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="--OPT[=VALUE]",
-                   help="extra #SBATCH option, e.g. --sbatch-arg=--mem=64G (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="only validate and render RUN_DIR/submit.sbatch")
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        metavar="SECONDS",
+        help="send USR1 this long before the time limit (checkpoint + requeue); default: the template's 120",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (baked into RUN_DIR/config.yaml)",
+    )
+    p.add_argument(
+        "--sbatch-arg",
+        dest="sbatch_args",
+        action="append",
+        default=[],
+        metavar="--OPT[=VALUE]",
+        help="extra #SBATCH option, e.g. --sbatch-arg=--mem=64G (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="only validate and render RUN_DIR/submit.sbatch"
+    )
     p.set_defaults(func=run)
 
 
@@ -150,28 +198,52 @@ def run(args) -> int:
         return _error(f"--nodes={args.nodes}: expected at least 1")
     nproc = args.nproc_per_node if args.nproc_per_node is not None else args.gpus_per_node
     if nproc is None:
-        return _error("give --nproc-per-node (tasks per node), or --gpus-per-node on a GPU cluster (one task per GPU)")
+        return _error(
+            "give --nproc-per-node (tasks per node), or --gpus-per-node on a GPU cluster (one task per GPU)"
+        )
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
-        return _error(f"--gpus-per-node={args.gpus_per_node}: expected at least 1 (omit it on CPU-only clusters)")
+        return _error(
+            f"--gpus-per-node={args.gpus_per_node}: expected at least 1 (omit it on CPU-only clusters)"
+        )
     if nproc < 1:
         return _error(f"--nproc-per-node={nproc}: expected at least 1")
     if not args.dry_run and shutil.which("sbatch") is None:
-        return _error("sbatch not found on PATH: run this on a Slurm login node, or use --dry-run to only render the script")
+        return _error(
+            "sbatch not found on PATH: run this on a Slurm login node, or use --dry-run to only render the script"
+        )
     template = template_path()
     if not template.is_file():
-        return _error(f"sbatch template {template} not found: zerotune submit needs a source checkout (pip install -e .)")
+        return _error(
+            f"sbatch template {template} not found: zerotune submit needs a source checkout (pip install -e .)"
+        )
 
     from trainer.main import default_run_dir
 
     from .preflight import check
 
-    run_dir = (Path(args.run_dir) if args.run_dir else default_run_dir(args.config)).expanduser().resolve()
+    run_dir = (
+        (Path(args.run_dir) if args.run_dir else default_run_dir(args.config))
+        .expanduser()
+        .resolve()
+    )
     submit_dir = Path.cwd().resolve()
     try:
-        pf = check(args.config, args.overrides, nproc=nproc, nnodes=args.nodes, job_gpus=args.gpus_per_node or 0)
+        pf = check(
+            args.config,
+            args.overrides,
+            nproc=nproc,
+            nnodes=args.nodes,
+            job_gpus=args.gpus_per_node or 0,
+        )
         if pf.problems:
             raise ConfigError(pf.problems)
-        job = JobSpec(run_dir, submit_dir, sys.executable, job_options(args, run_dir, submit_dir, nproc), args.config or "demo")
+        job = JobSpec(
+            run_dir,
+            submit_dir,
+            sys.executable,
+            job_options(args, run_dir, submit_dir, nproc),
+            args.config or "demo",
+        )
         script = render(template.read_text(), job)
     except ConfigError as e:
         print(f"zerotune: config error: {e}", file=sys.stderr)
@@ -181,22 +253,32 @@ def run(args) -> int:
     resolved = dump_config(pf.cfg)
     old = run_dir / "config.yaml"
     if resuming and old.is_file() and old.read_text() != resolved:
-        print(f"zerotune submit: warning: the config differs from the one {run_dir} was trained with", file=sys.stderr)
+        print(
+            f"zerotune submit: warning: the config differs from the one {run_dir} was trained with",
+            file=sys.stderr,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     old.write_text(resolved)
     path = run_dir / "submit.sbatch"
     path.write_text(script)
     path.chmod(0o755)
     p = pf.plan
-    print(f"rendered {path}: {args.nodes} node(s) × {nproc} task(s) = world {pf.world_size}, "
-          f"global batch {p.global_batch} (micro {p.micro} × accum {p.accum})")
+    print(
+        f"rendered {path}: {args.nodes} node(s) × {nproc} task(s) = world {pf.world_size}, "
+        f"global batch {p.global_batch} (micro {p.micro} × accum {p.accum})"
+    )
     if args.dry_run:
         print(f"dry run: submit with `sbatch {shlex.quote(str(path))}`")
         return EXIT_OK
 
-    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, cwd=submit_dir)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(path)], capture_output=True, text=True, cwd=submit_dir
+    )
     if proc.returncode != 0:
-        print(f"zerotune submit: sbatch failed (exit {proc.returncode}): {proc.stderr.strip()}", file=sys.stderr)
+        print(
+            f"zerotune submit: sbatch failed (exit {proc.returncode}): {proc.stderr.strip()}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     job_id = proc.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
     print(f"submitted job {job_id}" + (" (resumes from the latest checkpoint)" if resuming else ""))

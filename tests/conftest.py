@@ -37,7 +37,9 @@ def base_env(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def zerotune(args: list[str], cache: Path, cwd: Path | None = None, timeout: int = 600, **env_extra: str):
+def zerotune(
+    args: list[str], cache: Path, cwd: Path | None = None, timeout: int = 600, **env_extra: str
+):
     """Run ``python -m launcher ARGS`` as a user would run ``zerotune ARGS``."""
     return subprocess.run(
         [sys.executable, "-m", "launcher", *args],
@@ -67,7 +69,9 @@ def results(run_dir: Path) -> dict:
 
 
 def check_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
 
 
 class Runs:

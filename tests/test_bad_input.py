@@ -38,10 +38,18 @@ def run_cli(capsys, tmp_path, *sets: str, nproc: str = "2"):
 @pytest.mark.parametrize(
     "case, sets, expected",
     [
-        ("missing file", ["data.train=does/not/exist.tsv"], ["data.train='does/not/exist.tsv'", "file not found"]),
+        (
+            "missing file",
+            ["data.train=does/not/exist.tsv"],
+            ["data.train='does/not/exist.tsv'", "file not found"],
+        ),
         ("unknown key", ["train.lrr=0.1"], ["train.lrr: unknown key"]),
         ("wrong type", ["train.micro_batch_size=big"], ["train.micro_batch_size='big'"]),
-        ("batch arithmetic", ["train.global_batch_size=100"], ["train.global_batch_size=100", "micro_batch_size=16 × world size 2 = 32", "96 or 128"]),
+        (
+            "batch arithmetic",
+            ["train.global_batch_size=100"],
+            ["train.global_batch_size=100", "micro_batch_size=16 × world size 2 = 32", "96 or 128"],
+        ),
         ("fp16 on cpu", ["precision=fp16"], ["precision='fp16' is not supported", "bf16"]),
     ],
 )
@@ -63,8 +71,14 @@ def test_missing_column_lists_existing_columns(capsys, tmp_path, tsv):
 
 def test_labels_out_of_range(capsys, tmp_path, tsv):
     path = tsv(GOOD_ROWS + [("odd one", 5)])
-    rc, err, run_dir = run_cli(capsys, tmp_path, f"data.train={path}", "data.text_column=sentence", "model.num_labels=2",
-                               "data.validation_fraction=0.5")
+    rc, err, run_dir = run_cli(
+        capsys,
+        tmp_path,
+        f"data.train={path}",
+        "data.text_column=sentence",
+        "model.num_labels=2",
+        "data.validation_fraction=0.5",
+    )
     assert rc == 2 and not run_dir.exists()
     assert "labels [5] outside 0..1" in err
 
@@ -85,11 +99,39 @@ def test_existing_run_dir_is_left_untouched(capsys, tmp_path):
 
 def test_real_cli_process_exit_code_and_rank_entry_point(tmp_path):
     env = base_env(tmp_path)
-    p = subprocess.run([sys.executable, "-m", "launcher", "validate", str(TINY), "--set", "zero.stage=7"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "launcher", "validate", str(TINY), "--set", "zero.stage=7"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "zero.stage=7" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "trainer", str(TINY), "--set", "zero.stage=7", "--run-dir", str(tmp_path / "r")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            str(TINY),
+            "--set",
+            "zero.stage=7",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "zero.stage=7" in p.stderr and not (tmp_path / "r").exists()
-    p = subprocess.run([sys.executable, "-m", "launcher", "validate", str(TINY)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "launcher", "validate", str(TINY)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0 and "global batch 64" in p.stdout

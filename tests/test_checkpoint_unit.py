@@ -21,7 +21,15 @@ def fake_ckpt(root, step, metric=None, payload=b"x" * 100):
     files = {}
     for p in ck.list_files(d):
         files[str(p.relative_to(d))] = {"size": p.stat().st_size, "sha256": ck.sha256_file(p)}
-    ck.write_json_atomic(d / ck.MANIFEST, {"step": step, "world_size": 2, "metric": {"name": "accuracy", "value": metric}, "files": files})
+    ck.write_json_atomic(
+        d / ck.MANIFEST,
+        {
+            "step": step,
+            "world_size": 2,
+            "metric": {"name": "accuracy", "value": metric},
+            "files": files,
+        },
+    )
     (root / ck.LATEST).write_text(d.name)
     return d
 
@@ -85,7 +93,9 @@ def test_retention(tmp_path, keep, expect):
     metrics = {10: 0.5, 20: 0.9, 30: 0.8, 40: 0.6, 50: 0.7, 60: 0.65}
     for s, m in metrics.items():
         fake_ckpt(root, s, m)
-    cfg = load_config(None, [f"checkpoint.{k}={'null' if v is None else v}" for k, v in keep.items()])
+    cfg = load_config(
+        None, [f"checkpoint.{k}={'null' if v is None else v}" for k, v in keep.items()]
+    )
     mgr = ck.CheckpointManager(tmp_path, cfg, {})
     mgr.apply_retention(protect=root / "step_00000060")
     assert [int(p.name.split("_")[1]) for p in ck.committed(root)] == expect

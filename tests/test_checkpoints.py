@@ -39,7 +39,11 @@ def test_crash_mid_save_and_corrupt_checkpoint_fall_back(runs, tmp_path, cache_d
 
     second = zerotune(a, cache_dir, ZEROTUNE_FAULT="save@40")
     assert second.returncode != 0
-    assert "checksum mismatch" in second.stderr and victim.name in second.stderr and "falling back" in second.stderr
+    assert (
+        "checksum mismatch" in second.stderr
+        and victim.name in second.stderr
+        and "falling back" in second.stderr
+    )
     assert "resumed from" in second.stderr and "at step 20" in second.stderr
     assert (d / "checkpoints" / "step_00000040.tmp").is_dir()  # half-written, never committed
     assert (d / "checkpoints" / "latest").read_text().strip() == "step_00000030"
@@ -59,17 +63,30 @@ def test_manifest_records_what_a_resume_needs(runs):
     assert (m["step"], m["world_size"], m["zero_stage"], m["precision"]) == (60, 2, 3, "fp32")
     assert m["samples_seen"] == 60 * 64 and m["config_hash"] and m["versions"]["deepspeed"]
     listed = set(m["files"])
-    on_disk = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    on_disk = {
+        str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "manifest.json"
+    }
     assert listed == on_disk
-    assert {"trainer_state.json", "rng/rank_00000.json", "rng/rank_00001.json", "hf/config.json"} <= listed
+    assert {
+        "trainer_state.json",
+        "rng/rank_00000.json",
+        "rng/rank_00001.json",
+        "hf/config.json",
+    } <= listed
     state = json.loads((d / "trainer_state.json").read_text())
     assert state["step"] == 60 and state["epoch"] == 2 and state["best_step"] in (30, 60)
 
 
 def test_preemption_signal_saves_exits_75_and_resumes_exactly(runs, tmp_path, cache_dir):
     d = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args_for(d)], cwd=ROOT, env=base_env(cache_dir),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", *args_for(d)],
+        cwd=ROOT,
+        env=base_env(cache_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = d / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and '"step": 3,' in metrics.read_text()):
@@ -117,24 +134,40 @@ def test_resume_at_another_world_size(stage, direction, runs, tmp_path, cache_di
     new world size as an uninterrupted run at the old world size is (at most 2x that gap,
     plus 1e-6), and within 1e-4 absolutely."""
     src_world, dst_world = (2, 1) if direction == "2to1" else (1, 2)
-    ref = {w: runs.get(f"nodrop{stage}-{w}", f"zero.stage={stage}", *NO_DROPOUT, nproc=w) for w in (1, 2)}
+    ref = {
+        w: runs.get(f"nodrop{stage}-{w}", f"zero.stage={stage}", *NO_DROPOUT, nproc=w)
+        for w in (1, 2)
+    }
     d = tmp_path / "run"
     (d / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref[src_world] / "checkpoints" / "step_00000010", d / "checkpoints" / "step_00000010")
+    shutil.copytree(
+        ref[src_world] / "checkpoints" / "step_00000010", d / "checkpoints" / "step_00000010"
+    )
     (d / "checkpoints" / "latest").write_text("step_00000010\n")
 
     proc = zerotune(args_for(d, f"zero.stage={stage}", *NO_DROPOUT, nproc=dst_world), cache_dir)
     check_ok(proc)
-    assert "universal checkpoint" in proc.stderr and f"at step 10 (640 samples seen; saved with {src_world} ranks" in proc.stderr
-    assert (d / "checkpoints" / "step_00000010" / "universal" / "DONE").is_file()  # cached beside it
+    assert (
+        "universal checkpoint" in proc.stderr
+        and f"at step 10 (640 samples seen; saved with {src_world} ranks" in proc.stderr
+    )
+    assert (
+        d / "checkpoints" / "step_00000010" / "universal" / "DONE"
+    ).is_file()  # cached beside it
     env = json.loads((d / "env.json").read_text())
-    assert env["world_size"] == dst_world and env["batch"]["global"] == 64 and env["batch"]["grad_accum"] == 4 // dst_world
+    assert (
+        env["world_size"] == dst_world
+        and env["batch"]["global"] == 64
+        and env["batch"]["grad_accum"] == 4 // dst_world
+    )
     r = results(d)
     assert r["steps"] == 30 and r["samples_seen"] == 30 * 64
 
     gap_worlds = max_diff(final_weights(ref[1]), final_weights(ref[2]))
     gap = max_diff(final_weights(d), final_weights(ref[dst_world]))
-    print(f"stage {stage} {direction}: resumed vs uninterrupted {gap:.2e}; 1-rank vs 2-rank uninterrupted {gap_worlds:.2e}")
+    print(
+        f"stage {stage} {direction}: resumed vs uninterrupted {gap:.2e}; 1-rank vs 2-rank uninterrupted {gap_worlds:.2e}"
+    )
     assert gap < 1e-4
     assert gap <= 2 * gap_worlds + 1e-6
     losses, ref_losses = train_losses(d), train_losses(ref[dst_world])
@@ -148,7 +181,10 @@ def test_export_command_matches_final_from_any_stage(runs, tmp_path, cache_dir):
         proc = zerotune(["export", str(runs.stage(stage)), "--out", str(out)], cache_dir)
         check_ok(proc)
         assert "peak host memory" in proc.stdout
-        assert max_diff(load_file(str(out / "model.safetensors")), final_weights(runs.stage(stage))) == 0.0
+        assert (
+            max_diff(load_file(str(out / "model.safetensors")), final_weights(runs.stage(stage)))
+            == 0.0
+        )
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model = AutoModelForSequenceClassification.from_pretrained(out)

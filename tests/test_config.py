@@ -28,7 +28,10 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
 
 
 def test_all_problems_reported_together_with_key_and_value(tmp_path):
-    p = write(tmp_path, "trian:\n  lr: 1\nzero:\n  stage: 5\nprecision: fp8\ntrain:\n  micro_batch_size: many\n")
+    p = write(
+        tmp_path,
+        "trian:\n  lr: 1\nzero:\n  stage: 5\nprecision: fp8\ntrain:\n  micro_batch_size: many\n",
+    )
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
@@ -55,7 +58,10 @@ def test_cross_field_rules():
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_overrides(["train.lr"])
-    assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=null"]) == {"a": {"b": 3, "c": [1, 2]}, "d": None}
+    assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=null"]) == {
+        "a": {"b": 3, "c": [1, 2]},
+        "d": None,
+    }
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -81,7 +87,14 @@ def test_every_shipped_config_validates():
 def test_field_help_documents_every_key():
     lines = field_help()
     keys = {line.split(" ")[0] for line in lines}
-    for k in ("train.lr", "zero.stage", "eval.every_steps", "checkpoint.every_steps", "logging.every_steps", "data.max_length"):
+    for k in (
+        "train.lr",
+        "zero.stage",
+        "eval.every_steps",
+        "checkpoint.every_steps",
+        "logging.every_steps",
+        "data.max_length",
+    ):
         assert k in keys
     assert all(": " in line for line in lines if line.startswith("train.lr"))
 

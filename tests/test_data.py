@@ -21,7 +21,9 @@ from conftest import ROOT
 def test_samples_of_a_step_do_not_depend_on_world_or_accumulation(world, micro):
     plan = GlobalBatchPlan(1000, 32, seed=3)
     for step in (0, 1, 30, 31, 62):  # 31 steps per epoch: crosses into epochs 1 and 2
-        got = sorted(i for r in range(world) for mb in plan.micro_batches(step, r, world, micro) for i in mb)
+        got = sorted(
+            i for r in range(world) for mb in plan.micro_batches(step, r, world, micro) for i in mb
+        )
         assert got == sorted(plan.step_indices(step))
         assert len(got) == 32 and len(set(got)) == 32
 
@@ -41,7 +43,9 @@ def test_plan_rejects_batch_larger_than_data():
         GlobalBatchPlan(10, 16, 0)
 
 
-@pytest.mark.parametrize("n, world, micro", [(10, 3, 2), (7, 2, 4), (1, 4, 8), (872, 2, 64), (5, 5, 1)])
+@pytest.mark.parametrize(
+    "n, world, micro", [(10, 3, 2), (7, 2, 4), (1, 4, 8), (872, 2, 64), (5, 5, 1)]
+)
 def test_eval_shards_count_every_sample_once_and_keep_ranks_in_step(n, world, micro):
     seen, batches = [], set()
     for r in range(world):
@@ -55,7 +59,10 @@ def test_eval_shards_count_every_sample_once_and_keep_ranks_in_step(n, world, mi
 
 
 def test_collator_pads_dynamically():
-    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1}, {"input_ids": [5], "attention_mask": [1], "labels": 0}]
+    rows = [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
+        {"input_ids": [5], "attention_mask": [1], "labels": 0},
+    ]
     b = Collator(pad_id=0, task="classification")(rows)
     assert b["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]] and b["attention_mask"].sum() == 4
     lm = Collator(pad_id=0, task="causal_lm")([{**r, "labels": r["input_ids"]} for r in rows])
@@ -78,7 +85,9 @@ def test_validation_carved_from_train_with_fixed_seed(tmp_path):
 def test_missing_column_lists_existing_columns(tmp_path):
     f = write_tsv(tmp_path / "t.tsv", [("a", 0), ("b", 1)] * 10)
     c = load_config(None, [f"data.train={f}", "data.text_column=review"])
-    with pytest.raises(ConfigError, match=r"data.text_column 'review' not in train columns \['sentence', 'label'\]"):
+    with pytest.raises(
+        ConfigError, match=r"data.text_column 'review' not in train columns \['sentence', 'label'\]"
+    ):
         check_splits(c, load_raw_splits(c))
 
 
@@ -110,7 +119,11 @@ def test_causal_lm_loss_only_on_the_response():
     tok = build_tokenizer(c)
     import datasets
 
-    raw = {"train": datasets.Dataset.from_dict({"prompt": ["count from 3 :"], "response": ["4 5 ."], "text": ["x"]})}
+    raw = {
+        "train": datasets.Dataset.from_dict(
+            {"prompt": ["count from 3 :"], "response": ["4 5 ."], "text": ["x"]}
+        )
+    }
     out = tokenize_splits(c, raw, tok, None)["train"][0]
     prompt_len = len(tok("count from 3 :", add_special_tokens=False)["input_ids"])
     assert prompt_len == 4

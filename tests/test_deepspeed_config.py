@@ -14,9 +14,13 @@ def cfg(*overrides):
     return load_config(None, list(overrides))
 
 
-@pytest.mark.parametrize("world, micro, glob, accum", [(2, 8, 64, 4), (1, 8, 64, 8), (4, 16, None, 1), (8, 2, 16, 1)])
+@pytest.mark.parametrize(
+    "world, micro, glob, accum", [(2, 8, 64, 4), (1, 8, 64, 8), (4, 16, None, 1), (8, 2, 16, 1)]
+)
 def test_grad_accum_derived_from_global_batch(world, micro, glob, accum):
-    c = cfg(f"train.micro_batch_size={micro}", f"train.global_batch_size={glob if glob else 'null'}")
+    c = cfg(
+        f"train.micro_batch_size={micro}", f"train.global_batch_size={glob if glob else 'null'}"
+    )
     plan = resolve_batch(c, world)
     assert plan.accum == accum and plan.global_batch == micro * accum * world
 
@@ -31,17 +35,26 @@ def test_non_dividing_batch_names_values_and_suggests():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_generated_config(stage, precision):
-    c = cfg(f"zero.stage={stage}", f"precision={precision}", "train.global_batch_size=64", "train.micro_batch_size=8",
-            "train.max_grad_norm=0.5")
+    c = cfg(
+        f"zero.stage={stage}",
+        f"precision={precision}",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=8",
+        "train.max_grad_norm=0.5",
+    )
     ds = build_deepspeed_config(c, resolve_batch(c, 2), on_gpu=False)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is (precision == "bf16")
-    assert ds["fp16"]["enabled"] is (precision == "fp16") and ds["fp16"]["loss_scale"] == 0  # dynamic
+    assert (
+        ds["fp16"]["enabled"] is (precision == "fp16") and ds["fp16"]["loss_scale"] == 0
+    )  # dynamic
     assert "optimizer" not in ds  # CPU: torch AdamW client optimizer, no JIT build
-    assert build_deepspeed_config(c, resolve_batch(c, 2), on_gpu=True)["optimizer"]["type"] == "AdamW"
+    assert (
+        build_deepspeed_config(c, resolve_batch(c, 2), on_gpu=True)["optimizer"]["type"] == "AdamW"
+    )
 
 
 def test_offload_flags():
@@ -52,9 +65,22 @@ def test_offload_flags():
 
 def test_user_json_auto_values_filled_from_yaml(tmp_path):
     p = tmp_path / "ds.json"
-    p.write_text(json.dumps({"train_batch_size": "auto", "gradient_accumulation_steps": "auto",
-                             "zero_optimization": {"stage": "auto", "overlap_comm": True}, "comms_logger": {"enabled": False}}))
-    c = cfg(f"deepspeed_config={p}", "zero.stage=3", "train.global_batch_size=32", "train.micro_batch_size=4")
+    p.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": "auto", "overlap_comm": True},
+                "comms_logger": {"enabled": False},
+            }
+        )
+    )
+    c = cfg(
+        f"deepspeed_config={p}",
+        "zero.stage=3",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=4",
+    )
     ds = build_deepspeed_config(c, resolve_batch(c, 2), on_gpu=False)
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is True
@@ -63,7 +89,11 @@ def test_user_json_auto_values_filled_from_yaml(tmp_path):
 
 def test_user_json_conflict_names_both(tmp_path):
     p = tmp_path / "ds.json"
-    p.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 2.0, "bf16": {"enabled": True}}))
+    p.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 3}, "gradient_clipping": 2.0, "bf16": {"enabled": True}}
+        )
+    )
     c = cfg(f"deepspeed_config={p}", "zero.stage=2")
     with pytest.raises(ConfigError) as e:
         build_deepspeed_config(c, resolve_batch(c, 2), on_gpu=False)

@@ -24,6 +24,8 @@ def test_min_mode_and_final_eval_never_counts_against():
 def test_trainer_state_round_trips_through_json():
     import json
 
-    s = TrainerState(step=7, samples_seen=448, best_metric=0.9, best_step=5, acc_loss=1.25, acc_steps=2)
+    s = TrainerState(
+        step=7, samples_seen=448, best_metric=0.9, best_step=5, acc_loss=1.25, acc_steps=2
+    )
     d = json.loads(json.dumps(s.as_dict(epoch=0, world=2, global_batch=64)))
     assert TrainerState.from_dict(d) == s

@@ -40,8 +40,24 @@ requires_mpi = pytest.mark.skipif(SKIP_MPI is not None, reason=str(SKIP_MPI))
 
 def mpirun(args: list[str], cache_dir, timeout: int = 300) -> subprocess.CompletedProcess:
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return subprocess.run(["mpirun", "-np", "2", "--oversubscribe", *root, "-x", "OMP_NUM_THREADS=1", sys.executable, *args],
-                          cwd=ROOT, env=base_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            "mpirun",
+            "-np",
+            "2",
+            "--oversubscribe",
+            *root,
+            "-x",
+            "OMP_NUM_THREADS=1",
+            sys.executable,
+            *args,
+        ],
+        cwd=ROOT,
+        env=base_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.mpi
@@ -62,17 +78,29 @@ def test_mpirun_trains(tmp_path, cache_dir):
 def test_doctor_under_mpirun(cache_dir):
     proc = mpirun(["-m", "launcher", "doctor", "--size-mb", "4"], cache_dir, timeout=180)
     check_ok(proc)
-    assert "launcher mpi, world 2" in proc.stdout and "doctor: all checks passed" in proc.stdout, proc.stdout
+    assert "launcher mpi, world 2" in proc.stdout and "doctor: all checks passed" in proc.stdout, (
+        proc.stdout
+    )
 
 
 def test_doctor_spawns_its_own_ranks(cache_dir):
-    proc = subprocess.run([sys.executable, "-m", "launcher", "doctor", "--nproc-per-node", "2", "--size-mb", "1"],
-                          cwd=ROOT, env=base_env(cache_dir), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "doctor", "--nproc-per-node", "2", "--size-mb", "1"],
+        cwd=ROOT,
+        env=base_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     check_ok(proc)
     out = proc.stdout
     assert "launcher torchrun, world 2" in out and "backend gloo" in out, out
-    assert re.search(r"^\s+0\s+0\s+\S+\s+cpu$", out, re.M) and re.search(r"^\s+1\s+1\s+\S+\s+cpu$", out, re.M), out
-    assert re.search(r"all-reduce 1\.0 MB: [\d.]+ ms, algbw [\d.]+ GB/s, busbw [\d.]+ GB/s", out), out
+    assert re.search(r"^\s+0\s+0\s+\S+\s+cpu$", out, re.M) and re.search(
+        r"^\s+1\s+1\s+\S+\s+cpu$", out, re.M
+    ), out
+    assert re.search(r"all-reduce 1\.0 MB: [\d.]+ ms, algbw [\d.]+ GB/s, busbw [\d.]+ GB/s", out), (
+        out
+    )
     assert out.strip().endswith("doctor: all checks passed"), out
 
 
@@ -84,4 +112,6 @@ def test_master_addr_rule():
     assert master_problem(host, [host, "other"]) is None
     assert "loopback" in master_problem("localhost", [host, "node2"])
     assert "does not resolve" in master_problem("no-such-host.invalid", [host, "node2"])
-    assert "must run rank 0" in master_problem("192.0.2.1", [host, "node2"])  # TEST-NET-1: never this machine
+    assert "must run rank 0" in master_problem(
+        "192.0.2.1", [host, "node2"]
+    )  # TEST-NET-1: never this machine

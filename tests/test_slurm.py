@@ -25,7 +25,17 @@ from conftest import TINY, base_env, check_ok, read_jsonl, results, zerotune
 
 pytestmark = pytest.mark.slurm
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 CPU_JOB = ["--nodes", "1", "--nproc-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
 
 
@@ -34,7 +44,9 @@ def _skip_reason() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not on PATH (no Slurm; CI starts one with .ci/cluster-setup.sh)"
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30
+        )
     except subprocess.TimeoutExpired:
         return "sinfo timed out: slurmctld is not answering"
     if proc.returncode != 0:
@@ -60,7 +72,9 @@ def jobs():
 
 
 def job_info(job: str) -> dict[str, str]:
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30
+    )
     if proc.returncode != 0:
         return {}  # gone (MinJobAge passed) or never existed
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
@@ -70,8 +84,13 @@ def job_state(job: str) -> str:
     return job_info(job).get("JobState", "GONE")
 
 
-def wait_for(what: str, predicate: Callable[[], object], timeout: float, diagnose: Callable[[], str] = lambda: "",
-             job: str | None = None) -> object:
+def wait_for(
+    what: str,
+    predicate: Callable[[], object],
+    timeout: float,
+    diagnose: Callable[[], str] = lambda: "",
+    job: str | None = None,
+) -> object:
     """Poll ``predicate``; fail on timeout, or at once if ``job`` has ended meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -92,46 +111,82 @@ def log_text(run_dir: Path, job: str) -> str:
 def diagnose(run_dir: Path, job: str) -> Callable[[], str]:
     def text() -> str:
         info = job_info(job)
-        return (f"job {job}: {info.get('JobState')} reason={info.get('Reason')} restarts={info.get('Restarts')} "
-                f"exit={info.get('ExitCode')}\n--- log\n{log_text(run_dir, job)[-5000:]}")
+        return (
+            f"job {job}: {info.get('JobState')} reason={info.get('Reason')} restarts={info.get('Restarts')} "
+            f"exit={info.get('ExitCode')}\n--- log\n{log_text(run_dir, job)[-5000:]}"
+        )
+
     return text
 
 
 def test_submit_trains_evaluates_and_checkpoints(tmp_path, cache_dir, jobs):
     run_dir = tmp_path / "run $1"  # a space and a $: the quoting has to hold in sbatch and in bash
-    proc = zerotune(["submit", str(TINY), *CPU_JOB, "--run-dir", str(run_dir), "--job-name", "zt-test-train"], cache_dir)
+    proc = zerotune(
+        ["submit", str(TINY), *CPU_JOB, "--run-dir", str(run_dir), "--job-name", "zt-test-train"],
+        cache_dir,
+    )
     check_ok(proc)
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     jobs.append(job)
     assert f"log: {run_dir / f'slurm-{job}.out'}" in proc.stdout
 
-    wait_for(f"job {job} to finish", lambda: job_state(job) in TERMINAL, 240, diagnose(run_dir, job))
+    wait_for(
+        f"job {job} to finish", lambda: job_state(job) in TERMINAL, 240, diagnose(run_dir, job)
+    )
     log = log_text(run_dir, job)
     assert job_state(job) == "COMPLETED", diagnose(run_dir, job)()
     assert "SLURM_RESTART_COUNT=0" in log and "training step exited with code 0" in log, log[-3000:]
 
     r = results(run_dir)
     assert r["steps"] == 60 and r["world_size"] == 2 and r["params_in_sync"], r
-    evals = sorted(rec["step"] for rec in read_jsonl(run_dir / "metrics.jsonl") if rec["kind"] == "eval")
+    evals = sorted(
+        rec["step"] for rec in read_jsonl(run_dir / "metrics.jsonl") if rec["kind"] == "eval"
+    )
     assert {30, 60} <= set(evals), evals
     manifests = sorted(p.parent.name for p in run_dir.glob("checkpoints/step_*/manifest.json"))
     assert "step_00000060" in manifests and len(manifests) >= 2, manifests
     env = json.loads((run_dir / "env.json").read_text())
     assert env["launcher"] == "slurm" and env["world_size"] == 2
-    assert env["env"]["job_id"] == job and env["env"]["master_port"] == 15000 + int(job) % 17000, env["env"]
+    assert env["env"]["job_id"] == job and env["env"]["master_port"] == 15000 + int(job) % 17000, (
+        env["env"]
+    )
 
 
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path, cache_dir, jobs):
     """Render with --dry-run, submit the script by hand with no arguments from elsewhere
     (the resubmit path), USR1 it: checkpoint, exit 75, requeue, restart 1 resumes."""
     run_dir = tmp_path / "run"
-    check_ok(zerotune(["submit", str(TINY), *CPU_JOB, "--run-dir", str(run_dir), "--job-name", "zt-test-requeue",
-                       "--set", "train.max_steps=400", "--set", "checkpoint.every_steps=1000",
-                       "--set", "eval.every_steps=1000", "--dry-run"], cache_dir))
+    check_ok(
+        zerotune(
+            [
+                "submit",
+                str(TINY),
+                *CPU_JOB,
+                "--run-dir",
+                str(run_dir),
+                "--job-name",
+                "zt-test-requeue",
+                "--set",
+                "train.max_steps=400",
+                "--set",
+                "checkpoint.every_steps=1000",
+                "--set",
+                "eval.every_steps=1000",
+                "--dry-run",
+            ],
+            cache_dir,
+        )
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run(["sbatch", "--parsable", str(run_dir / "submit.sbatch")], cwd=elsewhere,
-                          env=base_env(cache_dir), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(run_dir / "submit.sbatch")],
+        cwd=elsewhere,
+        env=base_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     check_ok(proc)
     job = proc.stdout.strip().split(";")[0]
     jobs.append(job)
@@ -141,54 +196,106 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, cache_dir, jobs):
     def records() -> list[dict]:
         return read_jsonl(metrics) if metrics.is_file() else []
 
-    wait_for("training to start", lambda: any(r["kind"] == "train" for r in records()), 180, why, job)
+    wait_for(
+        "training to start", lambda: any(r["kind"] == "train" for r in records()), 180, why, job
+    )
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
-    wait_for("the requeue (Restarts=1)", lambda: int(job_info(job).get("Restarts", "0")) >= 1, 120, why, job)
+    wait_for(
+        "the requeue (Restarts=1)",
+        lambda: int(job_info(job).get("Restarts", "0")) >= 1,
+        120,
+        why,
+        job,
+    )
 
     def resumed_and_stepped() -> bool:
         recs = records()
-        marks = [i for i, r in enumerate(recs) if r["kind"] == "checkpoint" and r.get("restart_count") == 1]
-        return bool(marks) and any(r["kind"] == "train" and r["step"] > recs[marks[0]]["step"] for r in recs[marks[0]:])
+        marks = [
+            i
+            for i, r in enumerate(recs)
+            if r["kind"] == "checkpoint" and r.get("restart_count") == 1
+        ]
+        return bool(marks) and any(
+            r["kind"] == "train" and r["step"] > recs[marks[0]]["step"] for r in recs[marks[0] :]
+        )
 
     wait_for("the restarted job to resume and train on", resumed_and_stepped, 150, why, job)
     log = log_text(run_dir, job)
     first, _, second = log.partition("SLURM_RESTART_COUNT=1")
     assert second, log[-4000:]
-    assert "USR1" in first and "training step exited with code 75" in first and "requeueing job" in first, first[-4000:]
+    assert (
+        "USR1" in first
+        and "training step exited with code 75" in first
+        and "requeueing job" in first
+    ), first[-4000:]
     saved = re.search(r"saved step (\d+), exiting 75", first)
     assert saved, first[-4000:]
     step = int(saved.group(1))
-    assert 0 < step < 400 and (run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json").is_file()
+    assert (
+        0 < step < 400
+        and (run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json").is_file()
+    )
     assert re.search(rf"resumed from .*step_{step:08d} at step {step}\b", second), second[-4000:]
     env = json.loads((run_dir / "env.json").read_text())
-    assert env["env"]["restart_count"] == 1 and env["resumed_from"].endswith(f"step_{step:08d}"), env
+    assert env["env"]["restart_count"] == 1 and env["resumed_from"].endswith(f"step_{step:08d}"), (
+        env
+    )
 
-    subprocess.run(["scancel", job], check=True, timeout=30)  # the rest of the run proves nothing new
+    subprocess.run(
+        ["scancel", job], check=True, timeout=30
+    )  # the rest of the run proves nothing new
     wait_for(f"job {job} to end", lambda: job_state(job) in TERMINAL, 60, why)
 
 
 def _srun_doctor(cache_dir, *srun_args: str) -> subprocess.CompletedProcess:
-    cmd = ["srun", "-n", "2", "--time", "5", "--kill-on-bad-exit=1", *srun_args,
-           sys.executable, "-m", "launcher", "doctor", "--size-mb", "4"]
+    cmd = [
+        "srun",
+        "-n",
+        "2",
+        "--time",
+        "5",
+        "--kill-on-bad-exit=1",
+        *srun_args,
+        sys.executable,
+        "-m",
+        "launcher",
+        "doctor",
+        "--size-mb",
+        "4",
+    ]
     return subprocess.run(cmd, env=base_env(cache_dir), capture_output=True, text=True, timeout=180)
 
 
 def test_doctor_under_srun(cache_dir):
     proc = _srun_doctor(cache_dir)
     check_ok(proc)
-    assert "launcher slurm, world 2" in proc.stdout and "doctor: all checks passed" in proc.stdout, proc.stdout
-    assert re.search(r"^\s+1\s+1\s+\S+\s+cpu$", proc.stdout, re.M), proc.stdout  # rank 1 reported back to rank 0
+    assert (
+        "launcher slurm, world 2" in proc.stdout and "doctor: all checks passed" in proc.stdout
+    ), proc.stdout
+    assert re.search(r"^\s+1\s+1\s+\S+\s+cpu$", proc.stdout, re.M), (
+        proc.stdout
+    )  # rank 1 reported back to rank 0
 
 
 def _pmix_size_missing() -> bool:
     """``srun --mpi=pmix`` sets PMIX_RANK but no PMIX_SIZE; detection must still see world 2."""
-    env = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "9",
-           "SLURM_JOB_NODELIST": "vm", "PMIX_RANK": "1"}
+    env = {
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "9",
+        "SLURM_JOB_NODELIST": "vm",
+        "PMIX_RANK": "1",
+    }
     return detect_env(env).world_size != 2
 
 
-@pytest.mark.xfail(_pmix_size_missing(), strict=True,
-                   reason="trainer.env.detect_env takes the missing PMIX_SIZE as world 1 and prefers it to SLURM_NTASKS")
+@pytest.mark.xfail(
+    _pmix_size_missing(),
+    strict=True,
+    reason="trainer.env.detect_env takes the missing PMIX_SIZE as world 1 and prefers it to SLURM_NTASKS",
+)
 def test_doctor_under_srun_mpi_pmix(cache_dir):
     plugins = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30)
     if "pmix" not in plugins.stdout + plugins.stderr:

@@ -23,7 +23,11 @@ GOLDEN = ROOT / "tests" / "golden" / "submit.sbatch"
 
 
 def normalize(text: str, run_dir, python: str = sys.executable) -> str:
-    for value, placeholder in ((str(run_dir), "@RUN_DIR@"), (str(ROOT), "@SUBMIT_DIR@"), (python, "@PYTHON@")):
+    for value, placeholder in (
+        (str(run_dir), "@RUN_DIR@"),
+        (str(ROOT), "@SUBMIT_DIR@"),
+        (python, "@PYTHON@"),
+    ):
         text = text.replace(shlex.quote(value), placeholder).replace(value, placeholder)
     return text
 
@@ -47,10 +51,38 @@ def submit(monkeypatch, capsys, cache_dir):
 
 def test_rendered_script_matches_golden(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    proc = zerotune(["submit", "tests/configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8",
-                     "--time", "12:00:00", "--partition", "gpu", "--account", "proj42", "--job-name", "tiny-sft",
-                     "--signal-lead", "300", "--run-dir", str(run_dir), "--set", "train.lr=1e-3", "--set", "train.micro_batch_size=8",
-                     "--sbatch-arg=--mem=64G", "--sbatch-arg=--exclusive", "--dry-run"], cache_dir)
+    proc = zerotune(
+        [
+            "submit",
+            "tests/configs/tiny.yaml",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--cpus-per-task",
+            "8",
+            "--time",
+            "12:00:00",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj42",
+            "--job-name",
+            "tiny-sft",
+            "--signal-lead",
+            "300",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "train.lr=1e-3",
+            "--set",
+            "train.micro_batch_size=8",
+            "--sbatch-arg=--mem=64G",
+            "--sbatch-arg=--exclusive",
+            "--dry-run",
+        ],
+        cache_dir,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"sbatch {run_dir / 'submit.sbatch'}" in proc.stdout
     assert "world 8" in proc.stdout
@@ -58,22 +90,59 @@ def test_rendered_script_matches_golden(tmp_path, cache_dir):
     if os.environ.get("ZEROTUNE_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(got)
-    assert got == GOLDEN.read_text(), "rendered script changed; if intended, regenerate with ZEROTUNE_UPDATE_GOLDEN=1"
+    assert got == GOLDEN.read_text(), (
+        "rendered script changed; if intended, regenerate with ZEROTUNE_UPDATE_GOLDEN=1"
+    )
     # the resolved config sits beside it, overrides applied, and the script points at it
     assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
     assert "ZEROTUNE_DEFAULT_ARGS=(@RUN_DIR@/config.yaml @RUN_DIR@)" in got
     # a fresh dry run renders the same script: resubmitting is idempotent
-    assert zerotune(["submit", "tests/configs/tiny.yaml", "--nodes", "1", "--nproc-per-node", "2", "--run-dir",
-                     str(run_dir), "--dry-run"], cache_dir).returncode == 0
+    assert (
+        zerotune(
+            [
+                "submit",
+                "tests/configs/tiny.yaml",
+                "--nodes",
+                "1",
+                "--nproc-per-node",
+                "2",
+                "--run-dir",
+                str(run_dir),
+                "--dry-run",
+            ],
+            cache_dir,
+        ).returncode
+        == 0
+    )
 
 
 def test_gpu_job_checks_nothing_about_this_machines_gpus(tmp_path, submit):
     """fp16 needs a GPU; the login node may have none, the compute nodes do."""
-    code, _, err = submit(str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--run-dir", str(tmp_path / "r"),
-                          "--set", "precision=fp16", "--dry-run")
+    code, _, err = submit(
+        str(TINY),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--set",
+        "precision=fp16",
+        "--dry-run",
+    )
     assert code == 0, err
-    code, _, err = submit(str(TINY), "--nodes", "1", "--nproc-per-node", "2", "--run-dir", str(tmp_path / "c"),
-                          "--set", "precision=fp16", "--dry-run")
+    code, _, err = submit(
+        str(TINY),
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--run-dir",
+        str(tmp_path / "c"),
+        "--set",
+        "precision=fp16",
+        "--dry-run",
+    )
     assert code == 2 and "precision='fp16'" in err
     assert not (tmp_path / "c").exists()
 
@@ -89,7 +158,10 @@ def test_nproc_required_without_gpus(tmp_path, submit):
     "extra, message",
     [
         (["--set", "train.micro_batch_size=0"], "train.micro_batch_size"),
-        (["--set", "train.global_batch_size=63"], "global_batch_size"),  # 63 not divisible by 2 ranks × 16
+        (
+            ["--set", "train.global_batch_size=63"],
+            "global_batch_size",
+        ),  # 63 not divisible by 2 ranks × 16
         (["--set", "no_such.key=1"], "unknown key"),
         (["--time", "tomorrow"], "--time='tomorrow'"),
         (["--sbatch-arg=-N 2"], "long option"),
@@ -99,22 +171,48 @@ def test_nproc_required_without_gpus(tmp_path, submit):
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, submit, extra, message):
     run_dir = tmp_path / "run"
-    code, out, err = submit(str(TINY), "--nodes", "1", "--nproc-per-node", "2", "--run-dir", str(run_dir), "--dry-run", *extra)
+    code, out, err = submit(
+        str(TINY),
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--dry-run",
+        *extra,
+    )
     assert code == 2, out + err
     assert message in err
     assert not run_dir.exists()
 
 
 def test_missing_config_file_exits_2(tmp_path, submit):
-    code, _, err = submit(str(tmp_path / "nope.yaml"), "--nodes", "1", "--nproc-per-node", "1",
-                          "--run-dir", str(tmp_path / "r"), "--dry-run")
+    code, _, err = submit(
+        str(tmp_path / "nope.yaml"),
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "1",
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--dry-run",
+    )
     assert code == 2 and "config error" in err and "not found" in err
     assert not (tmp_path / "r").exists()
 
 
 def test_no_sbatch_on_path_is_a_clear_error(tmp_path, submit):
-    code, _, err = submit(str(TINY), "--nodes", "1", "--nproc-per-node", "2", "--run-dir", str(tmp_path / "r"),
-                          PATH=str(tmp_path))
+    code, _, err = submit(
+        str(TINY),
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--run-dir",
+        str(tmp_path / "r"),
+        PATH=str(tmp_path),
+    )
     assert code == 2 and "sbatch not found" in err and "--dry-run" in err
     assert not (tmp_path / "r").exists()
 
@@ -122,15 +220,28 @@ def test_no_sbatch_on_path_is_a_clear_error(tmp_path, submit):
 def test_values_are_shell_quoted(tmp_path):
     """Spaces, $, quotes and % survive both bash (the arguments) and sbatch (#SBATCH lines)."""
     run_dir = tmp_path / "it's a $HOME `x` %j run"
-    job = JobSpec(run_dir, tmp_path, "/opt/py 3/bin/python",
-                  {"job-name": "x; rm -rf ~", "output": str(run_dir).replace("%", "%%") + "/slurm-%j.out"}, "c.yaml")
+    job = JobSpec(
+        run_dir,
+        tmp_path,
+        "/opt/py 3/bin/python",
+        {"job-name": "x; rm -rf ~", "output": str(run_dir).replace("%", "%%") + "/slurm-%j.out"},
+        "c.yaml",
+    )
     script = render(template_path().read_text(), job)
     assert "#SBATCH --job-name='x; rm -rf ~'" in script
     # run the rendered prologue in bash: the defaults come back byte for byte
     start = script.index("ZEROTUNE_DEFAULT_ARGS=(")
-    prologue = script[start: script.index("\n", script.index("then set --", start))]
-    out = subprocess.run(["bash", "-c", f'set -euo pipefail\n{prologue}\nprintf "%s\\n" "$@" "$PYTHON"', "bash"],
-                         capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, check=True).stdout
+    prologue = script[start : script.index("\n", script.index("then set --", start))]
+    out = subprocess.run(
+        ["bash", "-c", f'set -euo pipefail\n{prologue}\nprintf "%s\\n" "$@" "$PYTHON"', "bash"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+        check=True,
+    ).stdout
     assert out.splitlines() == [str(run_dir / "config.yaml"), str(run_dir), "/opt/py 3/bin/python"]
     with pytest.raises(ValueError, match="newlines"):
-        render(template_path().read_text(), JobSpec(tmp_path / "a\nb", tmp_path, sys.executable, {}, "c.yaml"))
+        render(
+            template_path().read_text(),
+            JobSpec(tmp_path / "a\nb", tmp_path, sys.executable, {}, "c.yaml"),
+        )

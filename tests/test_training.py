@@ -15,6 +15,7 @@ from conftest import TINY, check_ok, mean_loss, read_jsonl, results, train_losse
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_trains_and_ranks_agree(stage, runs):
     d = runs.stage(stage)
@@ -63,9 +64,20 @@ def test_tensorboard_tags_read_back(runs):
     acc = EventAccumulator(str(d / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
-                "train/step_time_s", "train/host_rss_gb", "eval/accuracy", "eval/macro_f1", "eval/loss",
-                "checkpoint/save_seconds", "checkpoint/size_mb"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "train/host_rss_gb",
+        "eval/accuracy",
+        "eval/macro_f1",
+        "eval/loss",
+        "checkpoint/save_seconds",
+        "checkpoint/size_mb",
+    ):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     loss_events = acc.Scalars("train/loss")
     assert [e.step for e in loss_events] == list(range(1, 61))
@@ -102,7 +114,13 @@ def test_exported_model_reloads_and_reproduces_validation_accuracy(stage, runs):
     with torch.no_grad():
         for i in range(0, len(val), 64):
             rows = val[i : i + 64]
-            enc = tok(rows["text"], truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+            enc = tok(
+                rows["text"],
+                truncation=True,
+                max_length=cfg.data.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
             pred = model(**enc).logits.argmax(-1)
             correct += int((pred == torch.tensor(rows["label"])).sum())
     assert correct / len(val) == pytest.approx(results(d)["validation"]["accuracy"], abs=1e-9)
@@ -117,7 +135,10 @@ def test_resume_after_crash_is_bitwise_identical(stage, runs, tmp_path_factory, 
     args = ["train", str(TINY), "--run-dir", str(d), "--set", f"zero.stage={stage}"]
     crashed = zerotune(args, cache_dir, ZEROTUNE_FAULT="step@26")
     assert crashed.returncode != 0
-    assert sorted(p.name for p in (d / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000020"]
+    assert sorted(p.name for p in (d / "checkpoints").glob("step_*")) == [
+        "step_00000010",
+        "step_00000020",
+    ]
     resumed = zerotune(args, cache_dir)
     check_ok(resumed)
     assert "resumed from" in resumed.stderr and "at step 20" in resumed.stderr
@@ -130,8 +151,21 @@ def test_causal_lm_sft_on_responses(runs, tmp_path, cache_dir):
     from conftest import ROOT
 
     d = tmp_path / "sft"
-    proc = zerotune(["train", str(ROOT / "configs" / "sft-tiny.yaml"), "--run-dir", str(d), "--set", "train.max_steps=40",
-                     "--set", "eval.every_steps=10", "--set", "logging.progress_bar=false"], cache_dir)
+    proc = zerotune(
+        [
+            "train",
+            str(ROOT / "configs" / "sft-tiny.yaml"),
+            "--run-dir",
+            str(d),
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "eval.every_steps=10",
+            "--set",
+            "logging.progress_bar=false",
+        ],
+        cache_dir,
+    )
     check_ok(proc)
     evals = [r for r in read_jsonl(d / "metrics.jsonl") if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [10, 20, 30, 40]
@@ -155,9 +189,27 @@ def test_torchrun_by_hand_is_the_same_run(runs, tmp_path, cache_dir):
     for entry in (["-m", "trainer"], ["-m", "launcher", "train"]):
         d = tmp_path / entry[-1]
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *entry, str(TINY),
-             "--run-dir", str(d), "--set", "train.max_steps=20", "--set", "checkpoint.every_steps=null"],
-            cwd=ROOT, env=base_env(cache_dir), capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                *entry,
+                str(TINY),
+                "--run-dir",
+                str(d),
+                "--set",
+                "train.max_steps=20",
+                "--set",
+                "checkpoint.every_steps=null",
+            ],
+            cwd=ROOT,
+            env=base_env(cache_dir),
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         check_ok(proc)
         ref = train_losses(runs.stage(2))

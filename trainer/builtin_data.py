@@ -13,9 +13,44 @@ import random
 
 VERSION = 2  # part of the data cache key: bump when a generator changes
 
-POSITIVE = ["good", "great", "excellent", "wonderful", "brilliant", "delightful", "superb", "charming", "moving", "fun"]
-NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "weak", "clumsy", "tedious", "messy", "bland"]
-SUBJECTS = ["movie", "film", "plot", "acting", "story", "script", "ending", "cast", "music", "camera work", "dialogue", "pacing"]
+POSITIVE = [
+    "good",
+    "great",
+    "excellent",
+    "wonderful",
+    "brilliant",
+    "delightful",
+    "superb",
+    "charming",
+    "moving",
+    "fun",
+]
+NEGATIVE = [
+    "bad",
+    "awful",
+    "terrible",
+    "boring",
+    "dull",
+    "weak",
+    "clumsy",
+    "tedious",
+    "messy",
+    "bland",
+]
+SUBJECTS = [
+    "movie",
+    "film",
+    "plot",
+    "acting",
+    "story",
+    "script",
+    "ending",
+    "cast",
+    "music",
+    "camera work",
+    "dialogue",
+    "pacing",
+]
 INTENSIFIERS = ["", "", "very", "really", "quite", "truly", "rather"]
 OPENERS = ["", "", "honestly ,", "overall ,", "i think", "in the end", "to me", "frankly ,"]
 TAILS = ["", "", ".", "!", "if you ask me .", "for the most part .", "from start to finish ."]
@@ -26,7 +61,14 @@ def _clause(rng: random.Random, positive: bool) -> str:
     negated = rng.random() < 0.3
     word = rng.choice(POSITIVE if positive != negated else NEGATIVE)
     verb = rng.choice(["was", "is", "felt", "seemed"])
-    parts = ["the", rng.choice(SUBJECTS), verb, "not" if negated else "", rng.choice(INTENSIFIERS), word]
+    parts = [
+        "the",
+        rng.choice(SUBJECTS),
+        verb,
+        "not" if negated else "",
+        rng.choice(INTENSIFIERS),
+        word,
+    ]
     return " ".join(p for p in parts if p)
 
 
@@ -58,7 +100,11 @@ def echo(n: int, seed: int) -> dict[str, list]:
         k = rng.randrange(2, 6)
         prompts.append(f"count from {start} :")
         responses.append(" ".join(str(start + i) for i in range(1, k + 1)) + " .")
-    return {"prompt": prompts, "response": responses, "text": [p + " " + r for p, r in zip(prompts, responses)]}
+    return {
+        "prompt": prompts,
+        "response": responses,
+        "text": [p + " " + r for p, r in zip(prompts, responses)],
+    }
 
 
 GENERATORS = {"sentiment": sentiment, "echo": echo}
@@ -68,7 +114,21 @@ def vocabulary() -> list[str]:
     """Every word the generators can emit (the builtin tokenizer's vocabulary)."""
     words = set(POSITIVE + NEGATIVE + INTENSIFIERS + OPENERS + TAILS + NUMBER_WORDS)
     words |= {w for s in SUBJECTS for w in s.split()}
-    words |= {"the", "was", "is", "felt", "seemed", "not", "but", "count", "from", ":", ".", ",", "!"}
+    words |= {
+        "the",
+        "was",
+        "is",
+        "felt",
+        "seemed",
+        "not",
+        "but",
+        "count",
+        "from",
+        ":",
+        ".",
+        ",",
+        "!",
+    }
     out = set()
     for w in words:
         out.update(w.split())

@@ -51,7 +51,10 @@ def step_dir_name(step: int) -> str:
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    out = {"python": ".".join(map(str, __import__("sys").version_info[:3])), "torch": torch.__version__}
+    out = {
+        "python": ".".join(map(str, __import__("sys").version_info[:3])),
+        "torch": torch.__version__,
+    }
     for pkg in ("zerotune", "deepspeed", "transformers", "datasets"):
         try:
             out[pkg] = md.version(pkg)
@@ -164,7 +167,9 @@ def verify(ckpt: Path, level: str = "checksum") -> list[str]:
         if not p.is_file():
             problems.append(f"{ckpt.name}/{rel}: missing")
         elif p.stat().st_size != meta["size"]:
-            problems.append(f"{ckpt.name}/{rel}: size {p.stat().st_size} != {meta['size']} in the manifest (truncated?)")
+            problems.append(
+                f"{ckpt.name}/{rel}: size {p.stat().st_size} != {meta['size']} in the manifest (truncated?)"
+            )
         elif level == "checksum" and sha256_file(p) != meta["sha256"]:
             problems.append(f"{ckpt.name}/{rel}: checksum mismatch (corrupted)")
     return problems
@@ -178,7 +183,11 @@ def committed(ckpt_root: Path) -> list[Path]:
     """Committed checkpoint directories, newest first."""
     if not ckpt_root.is_dir():
         return []
-    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")]
+    dirs = [
+        p
+        for p in ckpt_root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+    ]
     return sorted(dirs, key=lambda p: int(p.name.split("_")[1].split(".")[0]), reverse=True)
 
 
@@ -188,7 +197,11 @@ def find_valid(ckpt_root: Path, level: str = "checksum", warn=print) -> Path | N
         problems = verify(ckpt, level)
         if not problems:
             return ckpt
-        warn(f"warning: skipping checkpoint {ckpt} — " + "; ".join(problems[:3]) + " — falling back to an older one")
+        warn(
+            f"warning: skipping checkpoint {ckpt} — "
+            + "; ".join(problems[:3])
+            + " — falling back to an older one"
+        )
     return None
 
 
@@ -212,7 +225,9 @@ def resolve_resume(run_dir: Path, resume: str, level: str = "checksum", warn=pri
         raise CheckpointError(f"--resume {resume!r}: no such checkpoint directory")
     problems = verify(path, level)
     if problems:
-        raise CheckpointError(f"--resume {resume!r} is not a valid checkpoint: " + "; ".join(problems))
+        raise CheckpointError(
+            f"--resume {resume!r} is not a valid checkpoint: " + "; ".join(problems)
+        )
     return path
 
 
@@ -237,7 +252,9 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
         barrier()
 
-    def save(self, step: int, engine, trainer_state: dict[str, Any], metric: float | None) -> dict[str, float]:
+    def save(
+        self, step: int, engine, trainer_state: dict[str, Any], metric: float | None
+    ) -> dict[str, float]:
         t0 = time.perf_counter()
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
@@ -258,7 +275,10 @@ class CheckpointManager:
             _fsync_tree(tmp)
             files = {}
             for p in list_files(tmp):
-                files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                files[str(p.relative_to(tmp))] = {
+                    "size": p.stat().st_size,
+                    "sha256": sha256_file(p),
+                }
                 size += p.stat().st_size
             name, _ = self.cfg.eval_metric()
             manifest = {
@@ -290,7 +310,11 @@ class CheckpointManager:
             _fsync_dir(self.root)
             self.apply_retention(protect=final)
         barrier()
-        return {"save_seconds": time.perf_counter() - t0, "size_mb": broadcast_object(size) / 2**20, "step": step}
+        return {
+            "save_seconds": time.perf_counter() - t0,
+            "size_mb": broadcast_object(size) / 2**20,
+            "step": step,
+        }
 
     def apply_retention(self, protect: Path) -> list[Path]:
         """Delete what keep_last / keep_best / keep_every do not keep (rank 0, after commit)."""
@@ -318,7 +342,9 @@ class CheckpointManager:
         return deleted
 
 
-def load_trainer_state(ckpt: Path, rank: int, world: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def load_trainer_state(
+    ckpt: Path, rank: int, world: int
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Trainer state and this rank's RNG (None when the world size changed)."""
     state = json.loads((ckpt / TRAINER_STATE).read_text())
     rng_file = ckpt / "rng" / f"rank_{rank:05d}.json"
@@ -332,9 +358,13 @@ def check_compatible(ckpt: Path, cfg: RunConfig) -> list[str]:
     m = read_manifest(ckpt)
     problems = []
     if m.get("engine") != cfg.engine:
-        problems.append(f"checkpoint {ckpt} was written by engine={m.get('engine')!r}, this run uses engine={cfg.engine!r}")
+        problems.append(
+            f"checkpoint {ckpt} was written by engine={m.get('engine')!r}, this run uses engine={cfg.engine!r}"
+        )
     if cfg.engine == "deepspeed" and m.get("zero_stage") != cfg.zero.stage:
-        problems.append(f"checkpoint {ckpt} has zero.stage={m.get('zero_stage')}, this run zero.stage={cfg.zero.stage}; keep the stage or export and start anew")
+        problems.append(
+            f"checkpoint {ckpt} has zero.stage={m.get('zero_stage')}, this run zero.stage={cfg.zero.stage}; keep the stage or export and start anew"
+        )
     return problems
 
 

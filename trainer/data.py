@@ -19,7 +19,13 @@ import torch
 
 from .config import ConfigError, RunConfig
 
-LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 BUILTIN = "builtin:"
 
 
@@ -44,19 +50,25 @@ def _load_one(cfg: RunConfig, spec: str, split: str, which: str):
     if kind == "builtin":
         from . import builtin_data
 
-        name = spec[len(BUILTIN):]
+        name = spec[len(BUILTIN) :]
         if name not in builtin_data.GENERATORS:
-            raise ConfigError(f"data.{which}={spec!r}: unknown builtin dataset; choose one of {sorted(builtin_data.GENERATORS)}")
+            raise ConfigError(
+                f"data.{which}={spec!r}: unknown builtin dataset; choose one of {sorted(builtin_data.GENERATORS)}"
+            )
         seed = {"train": 0, "validation": 1, "test": 2}[which]
         n = cfg.data.builtin_size if which == "train" else max(cfg.data.builtin_size // 4, 100)
         return datasets.Dataset.from_dict(builtin_data.GENERATORS[name](n, seed=seed * 7919 + 17))
     if kind == "file":
         p = Path(spec).expanduser()
         if not p.is_file():
-            raise ConfigError(f"data.{which}={spec!r}: file not found (working directory {os.getcwd()})")
+            raise ConfigError(
+                f"data.{which}={spec!r}: file not found (working directory {os.getcwd()})"
+            )
         fmt = LOCAL_FORMATS.get(p.suffix.lower())
         if fmt is None:
-            raise ConfigError(f"data.{which}={spec!r}: unsupported file type {p.suffix!r}; use one of {sorted(LOCAL_FORMATS)}")
+            raise ConfigError(
+                f"data.{which}={spec!r}: unsupported file type {p.suffix!r}; use one of {sorted(LOCAL_FORMATS)}"
+            )
         kwargs: dict[str, Any] = {}
         if p.suffix.lower() == ".tsv":
             kwargs = {"delimiter": "\t", "quoting": 3}  # GLUE-style: no quoting
@@ -80,13 +92,17 @@ def load_raw_splits(cfg: RunConfig) -> dict[str, Any]:
     if d.validation:
         validation = _load_one(cfg, d.validation, d.validation_split, "validation")
     else:
-        parts = train.train_test_split(test_size=d.validation_fraction, seed=d.split_seed, shuffle=True)
+        parts = train.train_test_split(
+            test_size=d.validation_fraction, seed=d.split_seed, shuffle=True
+        )
         train, validation = parts["train"], parts["test"]
     splits = {"train": train, "validation": validation}
     if d.test:
         splits["test"] = _load_one(cfg, d.test, d.test_split, "test")
     if d.max_train_samples:
-        splits["train"] = splits["train"].select(range(min(d.max_train_samples, len(splits["train"]))))
+        splits["train"] = splits["train"].select(
+            range(min(d.max_train_samples, len(splits["train"])))
+        )
     if d.max_eval_samples:
         for k in ("validation", "test"):
             if k in splits:
@@ -113,7 +129,9 @@ class LabelInfo:
     names: list[str] | None  # string labels mapped to ids in sorted order
 
 
-def check_splits(cfg: RunConfig, splits: dict[str, Any], model_num_labels: int | None = None) -> LabelInfo | None:
+def check_splits(
+    cfg: RunConfig, splits: dict[str, Any], model_num_labels: int | None = None
+) -> LabelInfo | None:
     """Columns exist and labels fit; all problems at once, naming split, column and value."""
     problems = []
     for split, ds in splits.items():
@@ -133,16 +151,27 @@ def check_splits(cfg: RunConfig, splits: dict[str, Any], model_num_labels: int |
         names = sorted({v for vals in values.values() for v in vals})
         num = cfg.model.num_labels or len(names)
     else:
-        bad = [(s, v) for s, vals in values.items() for v in vals if not isinstance(v, int) or isinstance(v, bool)]
+        bad = [
+            (s, v)
+            for s, vals in values.items()
+            for v in vals
+            if not isinstance(v, int) or isinstance(v, bool)
+        ]
         if bad:
             s, v = bad[0]
-            raise ConfigError(f"data.label_column {col!r} in {s}: label {v!r} is not an integer class id (or use string labels throughout)")
+            raise ConfigError(
+                f"data.label_column {col!r} in {s}: label {v!r} is not an integer class id (or use string labels throughout)"
+            )
         observed = max(max(vals) for vals in values.values() if vals) + 1
         num = cfg.model.num_labels or model_num_labels or max(observed, 2)
         for s, vals in values.items():
             out = sorted({v for v in vals if v < 0 or v >= num})
             if out:
-                source = "model.num_labels" if cfg.model.num_labels else ("the model's config" if model_num_labels else "the labels")
+                source = (
+                    "model.num_labels"
+                    if cfg.model.num_labels
+                    else ("the model's config" if model_num_labels else "the labels")
+                )
                 problems.append(
                     f"data.label_column {col!r} in {s}: labels {out[:5]} outside 0..{num - 1} "
                     f"(num_labels={num} from {source}); fix the data or set model.num_labels"
@@ -181,15 +210,23 @@ def cache_key(cfg: RunConfig, tokenizer_id: str) -> str:
         "data": d.model_dump(mode="json", exclude={"cache_dir"}),
         "tokenizer": tokenizer_id,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :20
+    ]
 
 
 def cache_root(cfg: RunConfig) -> Path:
-    root = cfg.data.cache_dir or os.environ.get("ZEROTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zerotune")
+    root = (
+        cfg.data.cache_dir
+        or os.environ.get("ZEROTUNE_CACHE")
+        or os.path.join(os.path.expanduser("~"), ".cache", "zerotune")
+    )
     return Path(root).expanduser() / "datasets"
 
 
-def tokenize_splits(cfg: RunConfig, splits: dict[str, Any], tokenizer, labels: LabelInfo | None) -> dict[str, Any]:
+def tokenize_splits(
+    cfg: RunConfig, splits: dict[str, Any], tokenizer, labels: LabelInfo | None
+) -> dict[str, Any]:
     d = cfg.data
     keep = ["input_ids", "attention_mask", "labels"]
 
@@ -226,7 +263,13 @@ def tokenize_splits(cfg: RunConfig, splits: dict[str, Any], tokenizer, labels: L
     fn = classify if cfg.task == "classification" else causal
     out = {}
     for name, ds in splits.items():
-        tok = ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenising {name}", load_from_cache_file=False)
+        tok = ds.map(
+            fn,
+            batched=True,
+            remove_columns=ds.column_names,
+            desc=f"tokenising {name}",
+            load_from_cache_file=False,
+        )
         out[name] = tok.select_columns([c for c in keep if c in tok.column_names])
     return out
 
@@ -323,10 +366,14 @@ class GlobalBatchPlan:
     def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[list[int]]:
         idx = self.step_indices(step)
         accum = self.global_batch // (micro * world)
-        return [idx[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)]
+        return [
+            idx[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)
+        ]
 
 
-def eval_shards(n: int, rank: int, world: int, micro: int) -> Iterator[tuple[list[int], list[bool]]]:
+def eval_shards(
+    n: int, rank: int, world: int, micro: int
+) -> Iterator[tuple[list[int], list[bool]]]:
     """Strided shard of ``range(n)``, padded so every rank runs the same number of batches.
 
     A rank whose shard runs out early forwards one placeholder row (index 0, marked
@@ -361,7 +408,11 @@ class Collator:
             if self.task == "causal_lm":
                 labels.append(r["labels"] + [-100] * pad)
         batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-        batch["labels"] = torch.tensor(labels) if self.task == "causal_lm" else torch.tensor([r["labels"] for r in rows])
+        batch["labels"] = (
+            torch.tensor(labels)
+            if self.task == "causal_lm"
+            else torch.tensor([r["labels"] for r in rows])
+        )
         return batch
 
 

@@ -50,13 +50,21 @@ def use_deepspeed_optimizer(cfg: RunConfig, on_gpu: bool) -> bool:
     return cfg.train.optimizer_impl == "deepspeed"
 
 
-def generate(cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
+def generate(
+    cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False
+) -> dict[str, Any]:
     t = cfg.train
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
     if cfg.zero.stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu" if cfg.zero.offload_optimizer else "none", "pin_memory": on_gpu}
+        zero["offload_optimizer"] = {
+            "device": "cpu" if cfg.zero.offload_optimizer else "none",
+            "pin_memory": on_gpu,
+        }
     if cfg.zero.stage == 3:
-        zero["offload_param"] = {"device": "cpu" if cfg.zero.offload_params else "none", "pin_memory": on_gpu}
+        zero["offload_param"] = {
+            "device": "cpu" if cfg.zero.offload_params else "none",
+            "pin_memory": on_gpu,
+        }
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     ds: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
@@ -82,7 +90,12 @@ def generate(cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool
     if use_deepspeed_optimizer(cfg, on_gpu):
         ds["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay},
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": t.eps,
+                "weight_decay": t.weight_decay,
+            },
         }
     return ds
 
@@ -126,18 +139,28 @@ def _get(d: dict, path: tuple[str, ...]) -> Any:
 def _fill(user: Any, gen: Any, path: tuple[str, ...], problems: list[str], source: str) -> Any:
     if user == "auto":
         if gen is _MISSING:
-            problems.append(f"{source}: {'.'.join(path)}=\"auto\" has no YAML value to fill it; set it explicitly")
+            problems.append(
+                f'{source}: {".".join(path)}="auto" has no YAML value to fill it; set it explicitly'
+            )
             return None
         return gen
     if isinstance(user, dict):
         out = dict(gen) if isinstance(gen, dict) else {}
         for k, v in user.items():
-            out[k] = _fill(v, gen.get(k, _MISSING) if isinstance(gen, dict) else _MISSING, path + (k,), problems, source)
+            out[k] = _fill(
+                v,
+                gen.get(k, _MISSING) if isinstance(gen, dict) else _MISSING,
+                path + (k,),
+                problems,
+                source,
+            )
         return out
     return user
 
 
-def merge_user_config(user: dict[str, Any], generated: dict[str, Any], source: str, cfg: RunConfig) -> dict[str, Any]:
+def merge_user_config(
+    user: dict[str, Any], generated: dict[str, Any], source: str, cfg: RunConfig
+) -> dict[str, Any]:
     """Fill ``"auto"`` from ``generated``; concrete values must agree with the YAML."""
     problems: list[str] = []
     merged = _fill(user, generated, (), problems, source)
@@ -151,11 +174,13 @@ def merge_user_config(user: dict[str, Any], generated: dict[str, Any], source: s
             yaml_value = _yaml_value(cfg, owner)
             problems.append(
                 f"{source}: {'.'.join(path)}={u!r} conflicts with YAML {owner}={yaml_value!r} "
-                f"(which means {'.'.join(path)}={g!r}); change one of them or write \"auto\" in the JSON"
+                f'(which means {".".join(path)}={g!r}); change one of them or write "auto" in the JSON'
             )
     for key in ("scheduler",):
         if key in user:
-            problems.append(f"{source}: a {key!r} section is not supported; the schedule comes from train.scheduler / train.warmup_*")
+            problems.append(
+                f"{source}: a {key!r} section is not supported; the schedule comes from train.scheduler / train.warmup_*"
+            )
     if problems:
         raise ConfigError(problems)
     return merged
@@ -169,7 +194,9 @@ def _yaml_value(cfg: RunConfig, owner: str) -> Any:
     return node
 
 
-def build_deepspeed_config(cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False) -> dict[str, Any]:
+def build_deepspeed_config(
+    cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False
+) -> dict[str, Any]:
     generated = generate(cfg, plan, on_gpu, load_universal)
     if not cfg.deepspeed_config:
         return generated
@@ -179,7 +206,9 @@ def build_deepspeed_config(cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_u
     try:
         user = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed_config={cfg.deepspeed_config!r}: not valid JSON ({e})") from None
+        raise ConfigError(
+            f"deepspeed_config={cfg.deepspeed_config!r}: not valid JSON ({e})"
+        ) from None
     merged = merge_user_config(user, generated, str(path), cfg)
     merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": load_universal}
     return merged

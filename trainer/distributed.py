@@ -33,7 +33,10 @@ def configure_cpu_deepspeed() -> None:
     """Keep DeepSpeed from JIT-compiling on CPU: the accelerator, shm-comm op and caches."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "zerotune", "torch_extensions"))
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        os.path.join(os.path.expanduser("~"), ".cache", "zerotune", "torch_extensions"),
+    )
     try:
         import deepspeed.ops
 
@@ -95,7 +98,9 @@ def export_env(env: DistEnv) -> DistEnv:
     return DistEnv(**{**env.as_dict(), "master_addr": addr, "master_port": port})
 
 
-def init_distributed(env: DistEnv, backend: str = "auto", timeout_minutes: int = 30) -> tuple[DistEnv, torch.device]:
+def init_distributed(
+    env: DistEnv, backend: str = "auto", timeout_minutes: int = 30
+) -> tuple[DistEnv, torch.device]:
     env = export_env(env)
     device = device_for(env)
     if device.type == "cuda":

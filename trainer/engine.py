@@ -52,7 +52,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -89,8 +92,15 @@ def _grad_norm(params) -> float:
 
 
 class DeepSpeedEngine:
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, total_steps: int,
-                 device: torch.device, load_universal: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: torch.nn.Module,
+        plan: BatchPlan,
+        total_steps: int,
+        device: torch.device,
+        load_universal: bool = False,
+    ):
         from .distributed import configure_cpu_deepspeed
 
         configure_cpu_deepspeed()
@@ -103,11 +113,17 @@ class DeepSpeedEngine:
         self.ds_config = build_deepspeed_config(cfg, plan, device.type == "cuda", load_universal)
         optimizer = None if "optimizer" in self.ds_config else build_optimizer(cfg, model)
         fn = lr_lambda(cfg, total_steps)
-        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn)) if optimizer is None else torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        scheduler = (
+            (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
+            if optimizer is None
+            else torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        )
         try:
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model,
-                model_parameters=param_groups(model, cfg.train.weight_decay) if optimizer is None else None,
+                model_parameters=param_groups(model, cfg.train.weight_decay)
+                if optimizer is None
+                else None,
                 optimizer=optimizer,
                 lr_scheduler=scheduler,
                 config=self.ds_config,
@@ -135,7 +151,11 @@ class DeepSpeedEngine:
         for i, batch in enumerate(micro_batches):
             out = self.engine(**_to(batch, self.device))
             self.engine.backward(out.loss)
-            if i == len(micro_batches) - 1 and self.stage == 0 and self.engine.bfloat16_enabled() is False:
+            if (
+                i == len(micro_batches) - 1
+                and self.stage == 0
+                and self.engine.bfloat16_enabled() is False
+            ):
                 manual_norm = _grad_norm(self.engine.module.parameters())  # grads already averaged
             self.engine.step()
             losses.append(out.loss.detach().float().item())
@@ -150,7 +170,9 @@ class DeepSpeedEngine:
             opt = self.engine.optimizer
             scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0.0)) or 0.0)
             skipped = bool(getattr(opt, "overflow", False))
-        return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, loss_scale=scale, skipped=skipped)
+        return StepResult(
+            loss=sum(losses) / len(losses), grad_norm=norm, loss_scale=scale, skipped=skipped
+        )
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -165,7 +187,9 @@ class DeepSpeedEngine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
         if self.stage == 3 and self.ds_config.get("checkpoint", {}).get("load_universal"):
-            self._fix_stage3_universal_load(Path(directory) / ZERO_TAG / "zero" / "optimizer_state.pt")
+            self._fix_stage3_universal_load(
+                Path(directory) / ZERO_TAG / "zero" / "optimizer_state.pt"
+            )
 
     def _fix_stage3_universal_load(self, optim_state: Path) -> None:
         """Undo two slips of DeepSpeed's ZeRO-3 universal loader (0.19; stages 1-2 load per group):
@@ -182,9 +206,13 @@ class DeepSpeedEngine:
         for state in base.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].detach().clone()
-        saved = torch.load(optim_state, map_location="cpu", weights_only=False)["optimizer_state_dict"]["param_groups"]
+        saved = torch.load(optim_state, map_location="cpu", weights_only=False)[
+            "optimizer_state_dict"
+        ]["param_groups"]
         if len(saved) != len(base.param_groups):
-            raise RuntimeError(f"universal checkpoint has {len(saved)} optimizer param groups, this engine {len(base.param_groups)}")
+            raise RuntimeError(
+                f"universal checkpoint has {len(saved)} optimizer param groups, this engine {len(base.param_groups)}"
+            )
         for group, saved_group in zip(base.param_groups, saved):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
 
@@ -193,8 +221,12 @@ class DeepSpeedEngine:
         if self.stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+            with deepspeed.zero.GatheredParameters(
+                list(self.module.parameters()), modifier_rank=None
+            ):
+                return {
+                    k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()
+                }
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
 
@@ -215,7 +247,14 @@ def fp16_message(device: torch.device) -> str:
 
 
 class DDPEngine:
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, plan: BatchPlan, total_steps: int, device: torch.device):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: torch.nn.Module,
+        plan: BatchPlan,
+        total_steps: int,
+        device: torch.device,
+    ):
         from torch.nn.parallel import DistributedDataParallel
 
         from .distributed import get_world_size
@@ -225,9 +264,17 @@ class DDPEngine:
         self.cfg = cfg
         self.device = device
         self.module = model.to(device)
-        self.model = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None) if get_world_size() > 1 else self.module
+        self.model = (
+            DistributedDataParallel(
+                self.module, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if get_world_size() > 1
+            else self.module
+        )
         self.optimizer = build_optimizer(cfg, self.module)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, total_steps)
+        )
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.ds_config = None
@@ -239,7 +286,9 @@ class DDPEngine:
         self.model.eval()
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
 
     def forward(self, batch):
         with self._autocast():
@@ -262,7 +311,9 @@ class DDPEngine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.max_grad_norm
-        norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip else float("inf")))
+        norm = float(
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip else float("inf"))
+        )
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -282,13 +333,19 @@ class DDPEngine:
         if get_rank() == 0:
             d = Path(directory) / "ddp"
             d.mkdir(parents=True, exist_ok=True)
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            state = {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
             torch.save(state, d / "state.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / "ddp" / "state.pt", map_location=self.device, weights_only=True)
+        state = torch.load(
+            Path(directory) / "ddp" / "state.pt", map_location=self.device, weights_only=True
+        )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -299,7 +356,14 @@ class DDPEngine:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
 
-def build_engine(cfg: RunConfig, model, plan: BatchPlan, total_steps: int, device: torch.device, load_universal: bool = False) -> Engine:
+def build_engine(
+    cfg: RunConfig,
+    model,
+    plan: BatchPlan,
+    total_steps: int,
+    device: torch.device,
+    load_universal: bool = False,
+) -> Engine:
     if cfg.engine == "ddp":
         return DDPEngine(cfg, model, plan, total_steps, device)
     return DeepSpeedEngine(cfg, model, plan, total_steps, device, load_universal)

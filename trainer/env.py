@@ -38,8 +38,18 @@ class DistEnv:
 
 # Launcher variables as tables: (rank, local rank, world size, local world size).
 MPI_TABLES: dict[str, tuple[str, str | None, str, str | None]] = {
-    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    "mvapich": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    "openmpi": (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    "mvapich": (
+        "MV2_COMM_WORLD_RANK",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+        "MV2_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_LOCAL_SIZE",
+    ),
     "pmix": ("PMIX_RANK", "PMIX_LOCAL_RANK", "PMIX_SIZE", "PMIX_LOCAL_SIZE"),
     "pmi": ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS"),
 }
@@ -112,7 +122,11 @@ def _is_slurm_step(env: Mapping[str, str]) -> bool:
     # An srun step has SLURM_STEP_ID; the batch shell of an sbatch job has SLURM_PROCID too,
     # but running the trainer there directly means one process, not SLURM_NTASKS of them.
     step = env.get("SLURM_STEP_ID")
-    return "SLURM_PROCID" in env and step is not None and step not in {"batch", "extern", "4294967294", "4294967291"}
+    return (
+        "SLURM_PROCID" in env
+        and step is not None
+        and step not in {"batch", "extern", "4294967294", "4294967291"}
+    )
 
 
 def detect_env(env: Mapping[str, str]) -> DistEnv:
@@ -130,7 +144,8 @@ def detect_env(env: Mapping[str, str]) -> DistEnv:
             master_addr=env.get(MASTER_ADDR, "127.0.0.1"),
             master_port=_int(env, MASTER_PORT, 29500),
             job_id=env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID"),
-            restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0) + _int(env, "SLURM_RESTART_COUNT", 0),
+            restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0)
+            + _int(env, "SLURM_RESTART_COUNT", 0),
         )
 
     flavour = _mpi_flavour(env)

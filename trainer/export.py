@@ -33,15 +33,23 @@ def _model_class(config) -> type:
     return AutoModelForCausalLM
 
 
-def save_pretrained(state_dict: dict[str, torch.Tensor], config, out: Path, tokenizer=None, tokenizer_dir: Path | None = None,
-                    max_shard_size: str = "2GB") -> Path:
+def save_pretrained(
+    state_dict: dict[str, torch.Tensor],
+    config,
+    out: Path,
+    tokenizer=None,
+    tokenizer_dir: Path | None = None,
+    max_shard_size: str = "2GB",
+) -> Path:
     """Write ``out/`` atomically (``out.tmp`` then rename) from a full state dict."""
     with torch.device("meta"):
         model = _model_class(config).from_config(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if unexpected or missing:
-        raise RuntimeError(f"export: state dict does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"export: state dict does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
@@ -67,7 +75,9 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
     if manifest.get("zero_stage") == 0:
         # no ZeRO partitions: the module weights are whole in the model-states file
-        sd = torch.load(ckpt / ZERO_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = torch.load(
+            ckpt / ZERO_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     if manifest.get("zero_stage") in (1, 2):
         sd = _merge_zero12(ckpt / ZERO_TAG)
@@ -102,8 +112,10 @@ def _merge_zero12(zero_dir: Path) -> dict[str, torch.Tensor] | None:
         return torch.load(f, map_location="cpu", mmap=True, weights_only=False)
 
     model_files = sorted(zero_dir.glob("mp_rank_*_model_states.pt"))
-    optim_files = sorted(zero_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                         key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    optim_files = sorted(
+        zero_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+        key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)),
+    )
     if len(model_files) != 1 or not optim_files:
         return None
     ms = load(model_files[0])
@@ -114,7 +126,9 @@ def _merge_zero12(zero_dir: Path) -> dict[str, torch.Tensor] | None:
         return None
     paddings = osds[0].get("param_alignment_paddings")
     out: dict[str, torch.Tensor] = {
-        k: (v.float() if v.is_floating_point() else v).clone() for k, v in ms["module"].items() if k in ms["buffer_names"]
+        k: (v.float() if v.is_floating_point() else v).clone()
+        for k, v in ms["module"].items()
+        if k in ms["buffer_names"]
     }
     for g, shapes in enumerate(ms["param_shapes"]):
         chunks = [o["single_partition_of_fp32_groups"][g] for o in osds]
@@ -159,7 +173,9 @@ def export_checkpoint(ckpt: Path, out: Path, max_shard_size: str = "2GB") -> Pat
 
     hf_dir = ckpt / HF_DIR
     if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no {HF_DIR}/config.json (written by zerotune since its first release)")
+        raise FileNotFoundError(
+            f"{ckpt} has no {HF_DIR}/config.json (written by zerotune since its first release)"
+        )
     config = AutoConfig.from_pretrained(str(hf_dir))
     sd = load_full_state_dict(ckpt)
     return save_pretrained(sd, config, out, tokenizer_dir=hf_dir, max_shard_size=max_shard_size)

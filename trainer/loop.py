@@ -1,8 +1,8 @@
 """The training loop, top to bottom: build → resume → step / log / eval / checkpoint → finish.
 
-    python -m trainer configs/demo.yaml --run-dir runs/demo          # one process
-    torchrun --nproc-per-node 2 -m trainer configs/demo.yaml          # by hand
-    zerotune train configs/demo.yaml --nproc-per-node 2               # the launcher
+python -m trainer configs/demo.yaml --run-dir runs/demo          # one process
+torchrun --nproc-per-node 2 -m trainer configs/demo.yaml          # by hand
+zerotune train configs/demo.yaml --nproc-per-node 2               # the launcher
 """
 
 from __future__ import annotations
@@ -69,10 +69,19 @@ class TrainerState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def track_best(state: TrainerState, value: float, step: int, mode: str, patience: int | None, final: bool = False) -> None:
+def track_best(
+    state: TrainerState,
+    value: float,
+    step: int,
+    mode: str,
+    patience: int | None,
+    final: bool = False,
+) -> None:
     """Record the best evaluation; after ``patience`` evaluations without improvement set
     ``stopped_early`` (the final evaluation updates the best but never counts against it)."""
-    better = state.best_metric is None or (value > state.best_metric if mode == "max" else value < state.best_metric)
+    better = state.best_metric is None or (
+        value > state.best_metric if mode == "max" else value < state.best_metric
+    )
     if better:
         state.best_metric, state.best_step, state.bad_evals = value, step, 0
     elif not final:
@@ -102,8 +111,21 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device, run_dir: Path, resume: str = "auto"):
-        self.cfg, self.env, self.device, self.run_dir, self.resume = cfg, env, device, run_dir, resume
+    def __init__(
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        device: torch.device,
+        run_dir: Path,
+        resume: str = "auto",
+    ):
+        self.cfg, self.env, self.device, self.run_dir, self.resume = (
+            cfg,
+            env,
+            device,
+            run_dir,
+            resume,
+        )
         self.rank, self.world = env.rank, env.world_size
 
     # ----------------------------------------------------------------------------------
@@ -123,7 +145,10 @@ class Trainer:
 
         data = prepare(cfg, self.env.local_rank == 0, barrier)
         self.tokenizer, self.labels = data.tokenizer, data.labels
-        train, self.eval_splits = data.splits["train"], {k: v for k, v in data.splits.items() if k != "train"}
+        train, self.eval_splits = (
+            data.splits["train"],
+            {k: v for k, v in data.splits.items() if k != "train"},
+        )
         plan = resolve_batch(cfg, self.world)
         self.plan = plan
         sampler = GlobalBatchPlan(len(train), plan.global_batch, cfg.train.seed)
@@ -134,7 +159,9 @@ class Trainer:
         # universal loader switched on in its config.
         ckpts = ckpt_mod.CheckpointManager(self.run_dir, cfg, {"hostname": socket.gethostname()})
         resume_from = broadcast_object(
-            ckpt_mod.resolve_resume(self.run_dir, self.resume, cfg.checkpoint.verify, warn=self.log) if self.rank == 0 else None
+            ckpt_mod.resolve_resume(self.run_dir, self.resume, cfg.checkpoint.verify, warn=self.log)
+            if self.rank == 0
+            else None
         )
         ckpts.clean_stale()
         saved_world, load_dir, universal = None, None, False
@@ -148,10 +175,17 @@ class Trainer:
                 t0 = time.perf_counter()
                 load_dir = ckpt_mod.ensure_universal(resume_from)
                 universal = True
-                self.log(f"converted {resume_from.name} ({saved_world} ranks) to a universal checkpoint in {time.perf_counter() - t0:.1f}s")
+                self.log(
+                    f"converted {resume_from.name} ({saved_world} ranks) to a universal checkpoint in {time.perf_counter() - t0:.1f}s"
+                )
 
         seed_everything(cfg.train.seed)
-        model = build_model(cfg, self.tokenizer, self.labels.num_labels if self.labels else None, self.labels.names if self.labels else None)
+        model = build_model(
+            cfg,
+            self.tokenizer,
+            self.labels.num_labels if self.labels else None,
+            self.labels.names if self.labels else None,
+        )
         self.param_count = sum(p.numel() for p in model.parameters())
         ckpts.hf_writer = lambda d: save_hf_metadata(model.config, self.tokenizer, d)
         engine = build_engine(cfg, model, plan, total, self.device, load_universal=universal)
@@ -176,9 +210,20 @@ class Trainer:
         if self.rank == 0:
             self._write_env(engine, resume_from, hosts)
 
-        sinks = build_sinks(self.rank, self.run_dir, cfg.logging.tensorboard, cfg.logging.progress_bar, total, state.step)
+        sinks = build_sinks(
+            self.rank,
+            self.run_dir,
+            cfg.logging.tensorboard,
+            cfg.logging.progress_bar,
+            total,
+            state.step,
+        )
         if load_seconds is not None:
-            sinks.log(state.step, {"load_seconds": load_seconds, "restart_count": self.env.restart_count}, "checkpoint")
+            sinks.log(
+                state.step,
+                {"load_seconds": load_seconds, "restart_count": self.env.restart_count},
+                "checkpoint",
+            )
         flag = PreemptionFlag(cfg.launch.preemption_signals)
         collate = Collator(self.tokenizer.pad_token_id, cfg.task)
         metric_name, mode = cfg.eval_metric()
@@ -206,7 +251,9 @@ class Trainer:
                 faults.maybe_fail("step", state.step)
 
                 if state.step % cfg.logging.every_steps == 0 or state.step == total:
-                    loss_sum, tokens, tsum = all_reduce_sum([state.acc_loss, state.acc_tokens, dt], self.device)
+                    loss_sum, tokens, tsum = all_reduce_sum(
+                        [state.acc_loss, state.acc_tokens, dt], self.device
+                    )
                     state.tokens_seen += int(tokens)
                     values = {
                         "loss": loss_sum / (state.acc_steps * self.world),
@@ -219,8 +266,15 @@ class Trainer:
                         "step_time_s": tsum / self.world,
                         **memory_stats(self.device),
                     }
-                    sinks.log(state.step, {k: v for k, v in values.items() if v is not None}, "train")
-                    state.acc_loss, state.acc_steps, state.acc_tokens, state.acc_samples = 0.0, 0, 0, 0
+                    sinks.log(
+                        state.step, {k: v for k, v in values.items() if v is not None}, "train"
+                    )
+                    state.acc_loss, state.acc_steps, state.acc_tokens, state.acc_samples = (
+                        0.0,
+                        0,
+                        0,
+                        0,
+                    )
                 else:
                     sinks.progress(state.step)
 
@@ -236,11 +290,15 @@ class Trainer:
                     self._save(ckpts, state, sampler, sinks, last_eval, metric_name)
                     last_saved = state.step
                 if preempted:
-                    self.log(f"preemption signal ({flag.received or 'on another rank'}): saved step {state.step}, exiting {PREEMPTED_EXIT_CODE}")
+                    self.log(
+                        f"preemption signal ({flag.received or 'on another rank'}): saved step {state.step}, exiting {PREEMPTED_EXIT_CODE}"
+                    )
                     exit_code = PREEMPTED_EXIT_CODE
                     break
                 if state.stopped_early:
-                    self.log(f"early stop at step {state.step}: {metric_name} has not improved for {state.bad_evals} evaluations")
+                    self.log(
+                        f"early stop at step {state.step}: {metric_name} has not improved for {state.bad_evals} evaluations"
+                    )
                     break
 
             if exit_code == PREEMPTED_EXIT_CODE:
@@ -248,7 +306,12 @@ class Trainer:
                 # slurm/train.sbatch requeues after the step exits 75 (ZEROTUNE_SBATCH_REQUEUE=1);
                 # a user's own batch script gets the requeue from rank 0 here.
                 sbatch_requeues = os.environ.get("ZEROTUNE_SBATCH_REQUEUE") == "1"
-                if self.rank == 0 and cfg.launch.requeue_on_preemption and os.environ.get("SLURM_JOB_ID") and not sbatch_requeues:
+                if (
+                    self.rank == 0
+                    and cfg.launch.requeue_on_preemption
+                    and os.environ.get("SLURM_JOB_ID")
+                    and not sbatch_requeues
+                ):
                     requeue_slurm_job()
                 return exit_code
 
@@ -267,12 +330,18 @@ class Trainer:
             if self.rank == 0 and cfg.checkpoint.export_final:
                 self._export(engine.module, full)
             del full
-            results = self._results(state, final_eval, test_eval, step_times, digests, time.time() - t_start)
+            results = self._results(
+                state, final_eval, test_eval, step_times, digests, time.time() - t_start
+            )
             if self.rank == 0:
                 ckpt_mod.write_json_atomic(self.run_dir / "results.json", results)
                 if "classification_report" in results:
-                    (self.run_dir / "classification_report.txt").write_text(results["classification_report"] + "\n")
-                sinks.log_hparams(self._hparams(), {f"validation_{k}": v for k, v in final_eval.items()})
+                    (self.run_dir / "classification_report.txt").write_text(
+                        results["classification_report"] + "\n"
+                    )
+                sinks.log_hparams(
+                    self._hparams(), {f"validation_{k}": v for k, v in final_eval.items()}
+                )
                 self._summary(results)
             barrier()
             return 0
@@ -287,15 +356,24 @@ class Trainer:
             sinks.close()
 
     # ----------------------------------------------------------------------------------
-    def _track_best(self, state: TrainerState, ev: dict[str, Any], name: str, mode: str, final: bool = False) -> None:
+    def _track_best(
+        self, state: TrainerState, ev: dict[str, Any], name: str, mode: str, final: bool = False
+    ) -> None:
         if name not in ev:
             raise KeyError(f"eval.metric {name!r} is not among the evaluation metrics {sorted(ev)}")
         track_best(state, ev[name], state.step, mode, self.cfg.eval.early_stopping_patience, final)
 
-    def _save(self, ckpts, state: TrainerState, sampler: GlobalBatchPlan, sinks, ev, metric_name) -> None:
+    def _save(
+        self, ckpts, state: TrainerState, sampler: GlobalBatchPlan, sinks, ev, metric_name
+    ) -> None:
         epoch, _ = sampler.position(state.step)
         metric = ev.get(metric_name) if ev else None
-        fig = ckpts.save(state.step, self.engine, state.as_dict(epoch, self.world, self.plan.global_batch), metric)
+        fig = ckpts.save(
+            state.step,
+            self.engine,
+            state.as_dict(epoch, self.world, self.plan.global_batch),
+            metric,
+        )
         fig = {k: v for k, v in fig.items() if k != "step"}
         sinks.log(state.step, fig, "checkpoint")
 
@@ -351,12 +429,18 @@ class Trainer:
             "env": self.env.as_dict(),
             "world_size": self.world,
             "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "hostname": socket.gethostname(),
             "hosts": hosts,
             "versions": versions(),
-            "batch": {"micro": self.plan.micro, "grad_accum": self.plan.accum, "global": self.plan.global_batch},
+            "batch": {
+                "micro": self.plan.micro,
+                "grad_accum": self.plan.accum,
+                "global": self.plan.global_batch,
+            },
             "total_steps": self.total,
             "parameters": self.param_count,
             "resumed_from": str(resume_from) if resume_from else None,
@@ -375,7 +459,11 @@ class Trainer:
             "tokens_seen": state.tokens_seen,
             "validation": final_eval,
             "test": test_eval,
-            "best": {"metric": self.cfg.eval_metric()[0], "value": state.best_metric, "step": state.best_step},
+            "best": {
+                "metric": self.cfg.eval_metric()[0],
+                "value": state.best_metric,
+                "step": state.best_step,
+            },
             "throughput": {
                 "mean_step_time_s": mean_step,
                 "samples_per_s": self.plan.global_batch / mean_step if mean_step else None,
@@ -396,15 +484,25 @@ class Trainer:
     def _hparams(self) -> dict[str, Any]:
         c = self.cfg
         return {
-            "model": c.model.name_or_path, "task": c.task, "engine": c.engine, "zero_stage": c.zero.stage,
-            "precision": c.precision, "lr": c.train.lr, "global_batch": self.plan.global_batch,
-            "micro_batch": self.plan.micro, "grad_accum": self.plan.accum, "world_size": self.world,
-            "scheduler": c.train.scheduler, "seed": c.train.seed,
+            "model": c.model.name_or_path,
+            "task": c.task,
+            "engine": c.engine,
+            "zero_stage": c.zero.stage,
+            "precision": c.precision,
+            "lr": c.train.lr,
+            "global_batch": self.plan.global_batch,
+            "micro_batch": self.plan.micro,
+            "grad_accum": self.plan.accum,
+            "world_size": self.world,
+            "scheduler": c.train.scheduler,
+            "seed": c.train.seed,
         }
 
     def _summary(self, r: dict[str, Any]) -> None:
         v = r["validation"]
-        shown = ", ".join(f"{k} {v[k]:.4f}" for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in v)
+        shown = ", ".join(
+            f"{k} {v[k]:.4f}" for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in v
+        )
         tp = r["throughput"]
         speed = f"{tp['samples_per_s']:.1f} samples/s" if tp["samples_per_s"] else "n/a"
         self.log(

@@ -27,8 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", description="zerotune rank entry point")
     p.add_argument("config", nargs="?", help="YAML run config (default: the embedded demo)")
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--resume", default="auto", help="auto (newest valid checkpoint in the run dir), never, or a checkpoint path")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key",
+    )
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (newest valid checkpoint in the run dir), never, or a checkpoint path",
+    )
     return p
 
 

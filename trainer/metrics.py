@@ -21,7 +21,11 @@ class MetricSink(Protocol):
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 class JsonlSink:
@@ -31,7 +35,12 @@ class JsonlSink:
         self.f = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
 
     def log(self, step, values, kind):
-        self.f.write(json.dumps({"step": step, "kind": kind, "time": round(time.time(), 3), **values}, default=float) + "\n")
+        self.f.write(
+            json.dumps(
+                {"step": step, "kind": kind, "time": round(time.time(), 3), **values}, default=float
+            )
+            + "\n"
+        )
 
     def log_hparams(self, hparams, final):
         pass
@@ -54,8 +63,12 @@ class TensorBoardSink:
         self.writer.flush()
 
     def log_hparams(self, hparams, final):
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in _scalars(final).items()}, run_name=".")
+        flat = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()
+        }
+        self.writer.add_hparams(
+            flat, {f"hparam/{k}": v for k, v in _scalars(final).items()}, run_name="."
+        )
         self.writer.flush()
 
     def close(self):
@@ -70,8 +83,14 @@ class ConsoleSink:
 
         tty = sys.stderr.isatty()
         self.bar = tqdm(
-            total=total_steps, initial=initial, desc="train", unit="step", disable=not enabled, file=sys.stderr,
-            dynamic_ncols=True, mininterval=0.5 if tty else 30.0,  # log files get a line every 30 s
+            total=total_steps,
+            initial=initial,
+            desc="train",
+            unit="step",
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5 if tty else 30.0,  # log files get a line every 30 s
         )
 
     def advance(self, step: int) -> None:
@@ -83,7 +102,11 @@ class ConsoleSink:
             shown = {k: values[k] for k in ("loss", "lr", "samples_per_s") if k in values}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         elif kind in ("eval", "test"):
-            shown = " ".join(f"{k}={v:.4f}" for k, v in _scalars(values).items() if k not in {"num_samples", "num_tokens"})
+            shown = " ".join(
+                f"{k}={v:.4f}"
+                for k, v in _scalars(values).items()
+                if k not in {"num_samples", "num_tokens"}
+            )
             self.bar.write(f"[{kind} step {step}] {shown}", file=sys.stderr)
 
     def log_hparams(self, hparams, final):
@@ -117,7 +140,14 @@ class Sinks:
             s.close()
 
 
-def build_sinks(rank: int, run_dir: Path, tensorboard: bool, progress_bar: bool, total_steps: int, initial_step: int) -> Sinks:
+def build_sinks(
+    rank: int,
+    run_dir: Path,
+    tensorboard: bool,
+    progress_bar: bool,
+    total_steps: int,
+    initial_step: int,
+) -> Sinks:
     if rank != 0:
         return Sinks([])
     sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]

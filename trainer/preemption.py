@@ -38,11 +38,17 @@ class PreemptionFlag:
 def requeue_slurm_job(env: dict[str, str] | None = None) -> bool:
     """``scontrol requeue $SLURM_JOB_ID`` (the job then starts again and resumes)."""
     env = dict(os.environ if env is None else env)
-    job = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}" or env.get("SLURM_JOB_ID")
+    job = (
+        env.get("SLURM_ARRAY_JOB_ID")
+        and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
+        or env.get("SLURM_JOB_ID")
+    )
     if not job:
         return False
     try:
-        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60, capture_output=True, text=True)
+        subprocess.run(
+            ["scontrol", "requeue", job], check=True, timeout=60, capture_output=True, text=True
+        )
         print(f"[zerotune] requeued Slurm job {job}", file=sys.stderr, flush=True)
         return True
     except (OSError, subprocess.SubprocessError) as e:

@@ -11,9 +11,21 @@ import torch
 from .config import ConfigError, RunConfig
 
 BUILTIN = "builtin:"
-SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+SPECIALS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
 BUILTIN_MODELS = {
-    "tiny-bert": dict(model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "tiny-bert": dict(
+        model_type="bert",
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+    ),
     "tiny-gpt2": dict(model_type="gpt2", n_embd=128, n_layer=2, n_head=4),
 }
 
@@ -31,11 +43,13 @@ def resolve_model_path(name: str) -> str:
     if name.startswith("package:"):
         import importlib
 
-        mod_name = name[len("package:"):]
+        mod_name = name[len("package:") :]
         try:
             mod = importlib.import_module(mod_name)
         except ImportError:
-            raise ConfigError(f"model.name_or_path={name!r}: python package {mod_name!r} is not installed") from None
+            raise ConfigError(
+                f"model.name_or_path={name!r}: python package {mod_name!r} is not installed"
+            ) from None
         return str(mod.get_model_path())
     return name
 
@@ -45,14 +59,16 @@ def resolve_model_path(name: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def build_word_tokenizer(texts: list[str] | None, task: str, vocab_size: int = 8000, words: list[str] | None = None):
+def build_word_tokenizer(
+    texts: list[str] | None, task: str, vocab_size: int = 8000, words: list[str] | None = None
+):
     """A whitespace word-level tokenizer built locally (deterministic, no download)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     if words is None:
         counts = Counter(w for t in texts or [] for w in t.lower().split())
-        words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: vocab_size]]
+        words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size]]
     specials = list(SPECIALS.values()) + (["[EOS]"] if task == "causal_lm" else [])
     vocab = {tok: i for i, tok in enumerate(specials + [w for w in words if w not in specials])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
@@ -61,7 +77,9 @@ def build_word_tokenizer(texts: list[str] | None, task: str, vocab_size: int = 8
     if task == "classification":
         cls, sep = vocab["[CLS]"], vocab["[SEP]"]
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
         )
     extra = {"eos_token": "[EOS]"} if task == "causal_lm" else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS, **extra)
@@ -79,9 +97,13 @@ def build_tokenizer(cfg: RunConfig, train_texts_fn=None):
 
     path = resolve_model_path(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
     except Exception as e:
-        raise ConfigError(f"model.tokenizer={name!r}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"model.tokenizer={name!r}: cannot load tokenizer ({type(e).__name__}: {e})"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -107,9 +129,13 @@ def model_num_labels(cfg: RunConfig) -> int | None:
     from transformers import AutoConfig
 
     try:
-        conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), revision=cfg.model.revision)
+        conf = AutoConfig.from_pretrained(
+            resolve_model_path(cfg.model.name_or_path), revision=cfg.model.revision
+        )
     except Exception as e:
-        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot load its config ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"model.name_or_path={cfg.model.name_or_path!r}: cannot load its config ({type(e).__name__}: {e})"
+        ) from None
     archs = getattr(conf, "architectures", None) or []
     if any("SequenceClassification" in a for a in archs) and getattr(conf, "id2label", None):
         return len(conf.id2label)
@@ -120,14 +146,21 @@ def _dropout_overrides(model_type: str, p: float) -> dict[str, float]:
     keys = {
         "bert": ["hidden_dropout_prob", "attention_probs_dropout_prob"],
         "gpt2": ["resid_pdrop", "embd_pdrop", "attn_pdrop"],
-    }.get(model_type, ["hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"])
+    }.get(
+        model_type,
+        ["hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"],
+    )
     return dict.fromkeys(keys, p)
 
 
-def build_model(cfg: RunConfig, tokenizer, num_labels: int | None, label_names: list[str] | None = None):
+def build_model(
+    cfg: RunConfig, tokenizer, num_labels: int | None, label_names: list[str] | None = None
+):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    auto = (
+        AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    )
     extra: dict[str, Any] = {}
     if cfg.task == "classification":
         extra["num_labels"] = num_labels
@@ -136,9 +169,11 @@ def build_model(cfg: RunConfig, tokenizer, num_labels: int | None, label_names: 
             extra["label2id"] = {n: i for i, n in enumerate(label_names)}
     name = cfg.model.name_or_path
     if is_builtin(name):
-        arch = dict(BUILTIN_MODELS.get(name[len(BUILTIN):], {}))
+        arch = dict(BUILTIN_MODELS.get(name[len(BUILTIN) :], {}))
         if not arch:
-            raise ConfigError(f"model.name_or_path={name!r}: unknown builtin model; choose one of {sorted(BUILTIN_MODELS)}")
+            raise ConfigError(
+                f"model.name_or_path={name!r}: unknown builtin model; choose one of {sorted(BUILTIN_MODELS)}"
+            )
         arch.update(cfg.model.builtin)
         model_type = arch.pop("model_type")
         if cfg.model.dropout is not None:
@@ -165,7 +200,10 @@ def build_model(cfg: RunConfig, tokenizer, num_labels: int | None, label_names: 
         conf_over.update(_dropout_overrides(base.model_type, cfg.model.dropout))
     torch.manual_seed(cfg.train.seed)  # new heads start identically on every rank
     model = auto.from_pretrained(
-        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, **conf_over
+        path,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        **conf_over,
     )
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -178,7 +216,9 @@ def build_model(cfg: RunConfig, tokenizer, num_labels: int | None, label_names: 
 # --------------------------------------------------------------------------------------
 
 
-def classification_metrics(preds: list[int], labels: list[int], num_labels: int, names: list[str] | None = None) -> dict[str, Any]:
+def classification_metrics(
+    preds: list[int], labels: list[int], num_labels: int, names: list[str] | None = None
+) -> dict[str, Any]:
     n = len(labels)
     correct = sum(int(p == y) for p, y in zip(preds, labels))
     per_class = {}
@@ -191,7 +231,12 @@ def classification_metrics(preds: list[int], labels: list[int], num_labels: int,
         rec = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         f1s.append(f1)
-        per_class[names[c] if names else str(c)] = {"precision": prec, "recall": rec, "f1": f1, "support": tp + fn}
+        per_class[names[c] if names else str(c)] = {
+            "precision": prec,
+            "recall": rec,
+            "f1": f1,
+            "support": tp + fn,
+        }
     return {
         "accuracy": correct / n if n else 0.0,
         "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
@@ -203,9 +248,15 @@ def classification_metrics(preds: list[int], labels: list[int], num_labels: int,
 def classification_report(metrics: dict[str, Any]) -> str:
     lines = [f"{'class':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
     for name, m in metrics["per_class"].items():
-        lines.append(f"{name:>12} {m['precision']:9.4f} {m['recall']:9.4f} {m['f1']:9.4f} {m['support']:8d}")
-    lines.append(f"{'accuracy':>12} {'':>9} {'':>9} {metrics['accuracy']:9.4f} {metrics['num_samples']:8d}")
-    lines.append(f"{'macro f1':>12} {'':>9} {'':>9} {metrics['macro_f1']:9.4f} {metrics['num_samples']:8d}")
+        lines.append(
+            f"{name:>12} {m['precision']:9.4f} {m['recall']:9.4f} {m['f1']:9.4f} {m['support']:8d}"
+        )
+    lines.append(
+        f"{'accuracy':>12} {'':>9} {'':>9} {metrics['accuracy']:9.4f} {metrics['num_samples']:8d}"
+    )
+    lines.append(
+        f"{'macro f1':>12} {'':>9} {'':>9} {metrics['macro_f1']:9.4f} {metrics['num_samples']:8d}"
+    )
     return "\n".join(lines)
 
 
@@ -219,7 +270,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
     ).view(shift_labels.shape)
     mask = shift_labels != -100
     return (loss * mask).sum(dim=1), mask.sum(dim=1)
