@@ -9,30 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, field_help
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-
-
-def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
-    p.add_argument(
-        "config", nargs="?", help="YAML run config (default: the embedded demo, configs/demo.yaml)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-5 (repeatable; beats the file)",
-    )
-    if run_dir:
-        p.add_argument(
-            "--run-dir", help="run directory (default runs/<config name>); re-running resumes"
-        )
+from trainer.process import ExitCode, add_run_arguments, default_run_dir, report_config_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,21 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train (spawns ranks with torch.distributed.run, or runs in place under torchrun/srun/mpirun)",
     )
-    _common(t)
+    add_run_arguments(t)
     t.add_argument(
         "--nproc-per-node",
         help="ranks on this machine: N or 'auto' (GPUs, or 1 on CPU); default from launch.nproc_per_node",
-    )
-    t.add_argument(
-        "--resume",
-        default="auto",
-        help="auto (newest valid checkpoint in the run dir), never, or a checkpoint path",
     )
 
     v = sub.add_parser(
         "validate", help="check a config (and its data) without training; exit 2 on any problem"
     )
-    _common(v, run_dir=False)
+    add_run_arguments(v, run_dir=False, resume=False)
     v.add_argument("--nproc-per-node", help="world size to check the batch arithmetic against")
     v.add_argument("--nnodes", type=int, default=1)
     v.add_argument("--no-data", action="store_true", help="skip loading the data files")
@@ -85,22 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) if hasattr(args, "func") else COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"zerotune: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_config_error(e)
 
 
 def cmd_validate(args) -> int:
     if args.help_keys:
         print("\n".join(field_help()))
-        return EXIT_OK
+        return ExitCode.DONE
     from .preflight import check
 
     pf = check(
         args.config, args.overrides, args.nproc_per_node, args.nnodes, check_data=not args.no_data
     )
     if pf.problems:
-        print(f"zerotune: config error: {ConfigError(pf.problems)}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_config_error(ConfigError(pf.problems))
     p = pf.plan
     print(
         f"ok: {args.config or 'demo'} — task {pf.cfg.task}, engine {pf.cfg.engine}, ZeRO {pf.cfg.zero.stage}, {pf.cfg.precision}; "
@@ -111,35 +84,27 @@ def cmd_validate(args) -> int:
             else ""
         )
     )
-    return EXIT_OK
+    return ExitCode.DONE
 
 
 def cmd_train(args) -> int:
     from trainer.env import detect_env
 
+    from .spawn import spawn, trainer_args
+
     env = detect_env(os.environ)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     if env.launcher != "single":
         # Ranks already exist (torchrun / srun / mpirun): this process is one of them.
         from trainer.main import main as rank_main
 
-        argv = [
-            *([args.config] if args.config else []),
-            *sum((["--set", o] for o in args.overrides), []),
-        ]
-        argv += ["--resume", args.resume] + (["--run-dir", args.run_dir] if args.run_dir else [])
-        return rank_main(argv)
+        return rank_main(trainer_args(args.config, args.overrides, run_dir, args.resume))
 
     from .preflight import check
 
     pf = check(args.config, args.overrides, args.nproc_per_node)
     if pf.problems:
-        print(f"zerotune: config error: {ConfigError(pf.problems)}", file=sys.stderr)
-        return EXIT_CONFIG
-    from trainer.main import default_run_dir
-
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-    from .spawn import spawn
-
+        return report_config_error(ConfigError(pf.problems))
     return spawn(
         args.config,
         args.overrides,

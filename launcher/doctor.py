@@ -17,7 +17,8 @@ import socket
 import sys
 import time
 
-EXIT_OK, EXIT_FAILED = 0, 1
+from trainer.process import ExitCode
+
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -53,9 +54,7 @@ def run(args) -> int:
 
 def _spawn(args) -> int:
     """N local ranks of ``python -m launcher doctor`` under torch's elastic agent."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
-    from torch.distributed.run import run as torchrun
+    from .spawn import run_torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     argv = [
@@ -74,13 +73,7 @@ def _spawn(args) -> int:
         "--iters",
         str(args.iters),
     ]
-    try:
-        torchrun(parse_args(argv))
-    except ChildFailedError as e:
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        print(f"doctor: rank(s) exited with code(s) {codes}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return run_torchrun(argv, prog="doctor")
 
 
 def _addresses(host: str) -> set[str]:
@@ -122,7 +115,7 @@ def _is_local(ip: str) -> bool:
 
 
 def _versions() -> dict[str, str]:
-    from trainer.checkpoint import versions
+    from trainer.process import versions
 
     return {
         k: v for k, v in versions().items() if k in ("python", "torch", "deepspeed", "transformers")
@@ -146,7 +139,7 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
             "the launcher's rank/size variables disagree",
             file=sys.stderr,
         )
-        return EXIT_FAILED
+        return ExitCode.FAILED
     device = device_for(env)
     backend = backend_for(device)
     try:
@@ -157,7 +150,7 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
             f"{os.environ.get('MASTER_PORT')} failed: {e}",
             file=sys.stderr,
         )
-        return EXIT_FAILED
+        return ExitCode.FAILED
     try:
         rank, world = env.rank, env.world_size
         me = {
@@ -193,7 +186,7 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
             if not all_problems:
                 print("doctor: all checks passed")
             sys.stdout.flush()
-        return EXIT_FAILED if all_problems else EXIT_OK
+        return ExitCode.FAILED if all_problems else ExitCode.DONE
     finally:
         destroy()
 

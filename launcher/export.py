@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.process import ExitCode
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -42,10 +44,10 @@ def run(args) -> int:
         )
     except CheckpointError as e:
         print(f"zerotune export: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     if ckpt is None:
         print(f"zerotune export: no checkpoint in {src}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     t0 = time.perf_counter()
     out = export_checkpoint(ckpt, Path(args.out), args.max_shard_size)
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
@@ -53,4 +55,4 @@ def run(args) -> int:
         f"exported {ckpt} → {out} ({size / 2**20:.1f} MB of safetensors) in {time.perf_counter() - t0:.1f}s; "
         f"peak host memory {peak_rss_mb():.0f} MB"
     )
-    return 0
+    return ExitCode.DONE

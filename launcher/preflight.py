@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.batch import BatchPlan, resolve_batch
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.deepspeed_config import BatchPlan, build_deepspeed_config, resolve_batch
+from trainer.deepspeed_config import build_deepspeed_config
 
 
 @dataclass
@@ -64,7 +65,7 @@ def check(
     """
     cfg = load_config(config, overrides)
     if check_data:
-        from trainer.main import quiet_libraries
+        from trainer.process import quiet_libraries
 
         quiet_libraries()
     n = resolve_nproc(nproc, cfg)

@@ -1,8 +1,10 @@
 """Start ranks on this machine with torch's elastic agent (``torch.distributed.run``).
 
 The agent picks a free rendezvous port (``--standalone``), starts ``python -m trainer`` per
-rank, and tears the group down if one rank dies. Exit code: 75 if the ranks were
-preempted (checkpoint saved), 2 for a config error found inside a rank, else 1 on failure.
+rank, and tears the group down if one rank dies. ``run_torchrun`` maps how the ranks
+ended to an ``ExitCode`` for ``zerotune train`` and ``zerotune doctor`` alike: 75 if the
+ranks were preempted (checkpoint saved), 2 for a config error found inside a rank, else 1
+on failure.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.preemption import PREEMPTED_EXIT_CODE
+from trainer.process import ExitCode
 
 
 def trainer_args(config: str | None, overrides: list[str], run_dir: Path, resume: str) -> list[str]:
@@ -66,6 +68,38 @@ def forward_preemption_signals(signals: list[str]) -> None:
         signal.signal(getattr(signal, name), forward)
 
 
+def run_torchrun(
+    torchrun_argv: list[str], run_dir: Path | None = None, prog: str = "zerotune"
+) -> ExitCode:
+    """``torch.distributed.run`` in this process; how the ranks ended, as one exit code.
+
+    75 from any rank: preempted (the resume hint names ``run_dir``'s checkpoints); 2 from
+    every failed rank: a config error the rank has already printed; else failed.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(torchrun_argv))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        if ExitCode.PREEMPTED in codes:
+            saved = f"; checkpoint saved in {run_dir}/checkpoints" if run_dir is not None else ""
+            print(
+                f"{prog}: preempted{saved} — run the same command to resume",
+                file=sys.stderr,
+            )
+            return ExitCode.PREEMPTED
+        if codes == [ExitCode.CONFIG]:
+            return ExitCode.CONFIG
+        print(
+            f"{prog}: rank(s) failed with exit code(s) {codes}; see the output above",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILED
+    return ExitCode.DONE
+
+
 def spawn(
     config: str | None,
     overrides: list[str],
@@ -73,28 +107,7 @@ def spawn(
     run_dir: Path,
     resume: str,
     preemption_signals: list[str] = ("SIGTERM", "SIGUSR1"),
-) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
+) -> ExitCode:
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_rank(nproc)))
     forward_preemption_signals(preemption_signals)
-    args = parse_args(torchrun_args(nproc, config, overrides, run_dir, resume))
-    try:
-        run(args)
-    except ChildFailedError as e:
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        if PREEMPTED_EXIT_CODE in codes:
-            print(
-                f"zerotune: preempted; checkpoint saved in {run_dir}/checkpoints — run the same command to resume",
-                file=sys.stderr,
-            )
-            return PREEMPTED_EXIT_CODE
-        if codes == [2]:
-            return 2
-        print(
-            f"zerotune: rank(s) failed with exit code(s) {codes}; see the output above",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return run_torchrun(torchrun_args(nproc, config, overrides, run_dir, resume), run_dir)

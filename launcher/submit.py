@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import ConfigError, dump_config
+from trainer.process import ExitCode, add_run_arguments, default_run_dir, report_config_error
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_ARGS_LINE = "ZEROTUNE_DEFAULT_ARGS=()"
 SBATCH_LINE = re.compile(r"^#{1,2}SBATCH\s+--([A-Za-z0-9-]+)(?:=(.*))?$")
 TIME_FORMAT = re.compile(r"^((\d+-)?\d+(:\d+){0,2}|(?i:unlimited|infinite))$")
@@ -138,7 +138,7 @@ def add_parser(sub) -> None:
         help="validate a config, render RUN_DIR/submit.sbatch from slurm/train.sbatch and submit it with sbatch",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("config", nargs="?", help="YAML run config (default: the embedded demo)")
+    add_run_arguments(p, resume=False)
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument(
         "--gpus-per-node",
@@ -152,9 +152,6 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--cpus-per-task", type=int, help="CPU cores per task (default: the template's)")
     p.add_argument(
-        "--run-dir", help="run directory (default runs/<config name>); submitting again resumes"
-    )
-    p.add_argument(
         "--time", help="time limit, e.g. 12:00:00 or 2-00:00:00 (default: the template's)"
     )
     p.add_argument("--partition", help="Slurm partition")
@@ -165,14 +162,6 @@ def add_parser(sub) -> None:
         type=int,
         metavar="SECONDS",
         help="send USR1 this long before the time limit (checkpoint + requeue); default: the template's 120",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (baked into RUN_DIR/config.yaml)",
     )
     p.add_argument(
         "--sbatch-arg",
@@ -190,7 +179,7 @@ def add_parser(sub) -> None:
 
 def _error(msg: str) -> int:
     print(f"zerotune submit: {msg}", file=sys.stderr)
-    return EXIT_USAGE
+    return ExitCode.CONFIG
 
 
 def run(args) -> int:
@@ -216,8 +205,6 @@ def run(args) -> int:
         return _error(
             f"sbatch template {template} not found: zerotune submit needs a source checkout (pip install -e .)"
         )
-
-    from trainer.main import default_run_dir
 
     from .preflight import check
 
@@ -246,8 +233,7 @@ def run(args) -> int:
         )
         script = render(template.read_text(), job)
     except ConfigError as e:
-        print(f"zerotune: config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_config_error(e)
 
     resuming = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     resolved = dump_config(pf.cfg)
@@ -269,7 +255,7 @@ def run(args) -> int:
     )
     if args.dry_run:
         print(f"dry run: submit with `sbatch {shlex.quote(str(path))}`")
-        return EXIT_OK
+        return ExitCode.DONE
 
     proc = subprocess.run(
         ["sbatch", "--parsable", str(path)], capture_output=True, text=True, cwd=submit_dir
@@ -279,8 +265,8 @@ def run(args) -> int:
             f"zerotune submit: sbatch failed (exit {proc.returncode}): {proc.stderr.strip()}",
             file=sys.stderr,
         )
-        return EXIT_FAILED
+        return ExitCode.FAILED
     job_id = proc.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
     print(f"submitted job {job_id}" + (" (resumes from the latest checkpoint)" if resuming else ""))
     print(f"log: {run_dir / f'slurm-{job_id}.out'}")
-    return EXIT_OK
+    return ExitCode.DONE

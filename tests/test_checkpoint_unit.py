@@ -11,6 +11,7 @@ import torch
 
 from trainer import checkpoint as ck
 from trainer.config import load_config
+from trainer.files import sha256_file, write_json_atomic
 
 
 def fake_ckpt(root, step, metric=None, payload=b"x" * 100):
@@ -20,8 +21,8 @@ def fake_ckpt(root, step, metric=None, payload=b"x" * 100):
     (d / "zero" / "state.pt").write_bytes(payload + str(step).encode())
     files = {}
     for p in ck.list_files(d):
-        files[str(p.relative_to(d))] = {"size": p.stat().st_size, "sha256": ck.sha256_file(p)}
-    ck.write_json_atomic(
+        files[str(p.relative_to(d))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    write_json_atomic(
         d / ck.MANIFEST,
         {
             "step": step,

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from trainer.batch import resolve_batch
 from trainer.config import ConfigError, load_config
-from trainer.deepspeed_config import build_deepspeed_config, resolve_batch
+from trainer.deepspeed_config import build_deepspeed_config
 
 
 def cfg(*overrides):

@@ -18,7 +18,6 @@ loaded, and ``latest`` moves only after the rename.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -33,10 +32,13 @@ import torch
 from . import faults
 from .config import RunConfig
 from .distributed import barrier, broadcast_object, get_rank, get_world_size
+from .files import fsync_dir, fsync_tree, sha256_file, write_json_atomic
+from .process import versions
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+ZERO_TAG = "zero"  # the DeepSpeed tag: step_N/zero/ holds the engine's sharded state
 FORMAT_VERSION = 1
 
 
@@ -46,21 +48,6 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {
-        "python": ".".join(map(str, __import__("sys").version_info[:3])),
-        "torch": torch.__version__,
-    }
-    for pkg in ("zerotune", "deepspeed", "transformers", "datasets"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -97,50 +84,6 @@ def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(_unb64(s["torch"]))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(x) for x in s["cuda"]])
-
-
-# --------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_files(root: Path, exclude: tuple[str, ...] = (MANIFEST, "universal")) -> list[Path]:
@@ -272,7 +215,7 @@ class CheckpointManager:
         barrier()
         size = 0
         if self.rank == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             files = {}
             for p in list_files(tmp):
                 files[str(p.relative_to(tmp))] = {
@@ -303,11 +246,11 @@ class CheckpointManager:
             if final.exists():  # a re-save of the same step (e.g. after a resume): replace
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             latest = self.root / LATEST
             (self.root / (LATEST + ".tmp")).write_text(final.name + "\n")
             os.replace(self.root / (LATEST + ".tmp"), latest)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self.apply_retention(protect=final)
         barrier()
         return {

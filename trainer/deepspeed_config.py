@@ -9,39 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .batch import BatchPlan
+from .batch import resolve_batch as resolve_batch  # TEMPORARY: loop.py imports it from here
 from .config import ConfigError, RunConfig
 
 _MISSING = object()
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    micro: int
-    accum: int
-    world: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.accum * self.world
-
-
-def resolve_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
-    """``global = micro × accum × world``; accumulation is derived, never guessed."""
-    micro = cfg.train.micro_batch_size
-    g = cfg.train.global_batch_size or micro * world_size
-    per_step = micro * world_size
-    if g % per_step:
-        lower = (g // per_step) * per_step
-        options = [x for x in (lower, lower + per_step) if x > 0]
-        raise ConfigError(
-            f"train.global_batch_size={g} is not divisible by train.micro_batch_size={micro} × world size {world_size} "
-            f"= {per_step}: choose a multiple of {per_step} (e.g. {' or '.join(map(str, options))}) or change the micro batch"
-        )
-    return BatchPlan(micro=micro, accum=g // per_step, world=world_size)
 
 
 def use_deepspeed_optimizer(cfg: RunConfig, on_gpu: bool) -> bool:

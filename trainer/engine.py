@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import torch
 
+from .batch import BatchPlan
+from .checkpoint import ZERO_TAG
 from .config import ConfigError, RunConfig
-from .deepspeed_config import BatchPlan, build_deepspeed_config
-
-ZERO_TAG = "zero"
+from .deepspeed_config import build_deepspeed_config
 
 
 @dataclass

@@ -71,7 +71,7 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         return torch.load(ckpt / "ddp" / "state.pt", map_location="cpu", weights_only=True)["model"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from .engine import ZERO_TAG
+    from .checkpoint import ZERO_TAG
 
     if manifest.get("zero_stage") == 0:
         # no ZeRO partitions: the module weights are whole in the model-states file

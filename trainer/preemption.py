@@ -1,5 +1,5 @@
 """Preemption: a signal only sets a flag; the loop agrees on it across ranks at the next
-step boundary, saves a checkpoint and exits with ``PREEMPTED_EXIT_CODE``."""
+step boundary, saves a checkpoint and exits with ``ExitCode.PREEMPTED`` (75)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+from .process import ExitCode
+
+PREEMPTED_EXIT_CODE = ExitCode.PREEMPTED  # TEMPORARY: loop.py imports it from here
 
 
 class PreemptionFlag:

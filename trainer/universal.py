@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .engine import ZERO_TAG
+from .checkpoint import ZERO_TAG
 
 
 def convert_to_universal(ckpt: Path, out: Path) -> None:
