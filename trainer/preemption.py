@@ -8,10 +8,6 @@ import signal
 import subprocess
 import sys
 
-from .process import ExitCode
-
-PREEMPTED_EXIT_CODE = ExitCode.PREEMPTED  # TEMPORARY: loop.py imports it from here
-
 
 class PreemptionFlag:
     def __init__(self, signals: list[str]):
