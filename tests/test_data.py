@@ -6,13 +6,13 @@ import pytest
 
 from trainer.config import ConfigError, load_config
 from trainer.data import (
-    Collator,
     GlobalBatchPlan,
     check_splits,
     eval_shards,
     load_raw_splits,
     tokenize_splits,
 )
+from trainer.tasks import Collator
 
 from conftest import ROOT
 
@@ -63,9 +63,9 @@ def test_collator_pads_dynamically():
         {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1},
         {"input_ids": [5], "attention_mask": [1], "labels": 0},
     ]
-    b = Collator(pad_id=0, task="classification")(rows)
+    b = Collator(pad_id=0, pad_labels=False)(rows)
     assert b["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]] and b["attention_mask"].sum() == 4
-    lm = Collator(pad_id=0, task="causal_lm")([{**r, "labels": r["input_ids"]} for r in rows])
+    lm = Collator(pad_id=0, pad_labels=True)([{**r, "labels": r["input_ids"]} for r in rows])
     assert lm["labels"].tolist() == [[5, 6, 7], [5, -100, -100]]
 
 
@@ -113,10 +113,11 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_causal_lm_loss_only_on_the_response():
-    from trainer.tasks import build_tokenizer
+    from trainer.models import build_tokenizer
+    from trainer.tasks import build_task
 
     c = load_config(ROOT / "configs" / "sft-tiny.yaml")
-    tok = build_tokenizer(c)
+    tok = build_tokenizer(c, build_task(c))
     import datasets
 
     raw = {

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from trainer.loop import TrainerState, track_best
+from trainer.evaluate import track_best
+from trainer.loop import TrainerState
 
 
 def test_best_step_and_early_stopping_with_patience():

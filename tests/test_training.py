@@ -219,3 +219,26 @@ def test_torchrun_by_hand_is_the_same_run(runs, tmp_path, cache_dir):
         assert [got[s] for s in range(1, 11)] == [ref[s] for s in range(1, 11)]
         assert json.loads((d / "env.json").read_text())["launcher"] == "torchrun"
         assert results(d)["world_size"] == 2
+
+
+def test_validation_and_test_reports_come_from_their_own_splits(runs):
+    """With data.test set, the test evaluation runs after the final validation: each split's
+    per-class figures and report must be its own (the validation ones were overwritten once)."""
+    d = runs.get(
+        "with_test",
+        "data.test=builtin:sentiment",
+        "train.max_steps=20",
+        "checkpoint.every_steps=null",
+    )
+    r = results(d)
+    n_val, n_test = r["validation"]["num_samples"], r["test"]["num_samples"]
+    assert (n_val, n_test) == (200, 500)  # carved 10 % of 2000; builtin test split of 500
+    assert sum(c["support"] for c in r["validation_per_class"].values()) == n_val
+    assert sum(c["support"] for c in r["test_per_class"].values()) == n_test
+    val_txt = (d / "classification_report.txt").read_text()
+    test_txt = (d / "classification_report_test.txt").read_text()
+    assert f"{n_val:8d}" in val_txt.splitlines()[-1] and f"{n_test:8d}" in test_txt.splitlines()[-1]
+    assert f"{r['validation']['accuracy']:9.4f}" in val_txt
+    assert f"{r['test']['accuracy']:9.4f}" in test_txt
+    env = json.loads((d / "env.json").read_text())
+    assert env["param_dtype"] == "float32"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, RunConfig
+from .tasks import LabelInfo, build_task
 
 LOCAL_FORMATS = {
     ".csv": "csv",
@@ -110,75 +111,21 @@ def load_raw_splits(cfg: RunConfig) -> dict[str, Any]:
     return splits
 
 
-def required_columns(cfg: RunConfig) -> dict[str, str]:
-    """config key → column name that every split must have."""
-    d = cfg.data
-    if cfg.task == "classification":
-        cols = {"data.text_column": d.text_column, "data.label_column": d.label_column}
-        if d.text_pair_column:
-            cols["data.text_pair_column"] = d.text_pair_column
-        return cols
-    if d.prompt_column:
-        return {"data.prompt_column": d.prompt_column, "data.response_column": d.response_column}
-    return {"data.text_column": d.text_column}
-
-
-@dataclass
-class LabelInfo:
-    num_labels: int
-    names: list[str] | None  # string labels mapped to ids in sorted order
-
-
 def check_splits(
     cfg: RunConfig, splits: dict[str, Any], model_num_labels: int | None = None
 ) -> LabelInfo | None:
     """Columns exist and labels fit; all problems at once, naming split, column and value."""
+    task = build_task(cfg)
     problems = []
     for split, ds in splits.items():
         if len(ds) == 0:
             problems.append(f"data.{split}: the split is empty")
-        for key, col in required_columns(cfg).items():
+        for key, col in task.required_columns().items():
             if col not in ds.column_names:
                 problems.append(f"{key} {col!r} not in {split} columns {ds.column_names}")
-    if problems or cfg.task != "classification":
-        if problems:
-            raise ConfigError(problems)
-        return None
-    col = cfg.data.label_column
-    values = {s: ds[col] for s, ds in splits.items()}
-    names = None
-    if all(isinstance(v, str) for vals in values.values() for v in vals):
-        names = sorted({v for vals in values.values() for v in vals})
-        num = cfg.model.num_labels or len(names)
-    else:
-        bad = [
-            (s, v)
-            for s, vals in values.items()
-            for v in vals
-            if not isinstance(v, int) or isinstance(v, bool)
-        ]
-        if bad:
-            s, v = bad[0]
-            raise ConfigError(
-                f"data.label_column {col!r} in {s}: label {v!r} is not an integer class id (or use string labels throughout)"
-            )
-        observed = max(max(vals) for vals in values.values() if vals) + 1
-        num = cfg.model.num_labels or model_num_labels or max(observed, 2)
-        for s, vals in values.items():
-            out = sorted({v for v in vals if v < 0 or v >= num})
-            if out:
-                source = (
-                    "model.num_labels"
-                    if cfg.model.num_labels
-                    else ("the model's config" if model_num_labels else "the labels")
-                )
-                problems.append(
-                    f"data.label_column {col!r} in {s}: labels {out[:5]} outside 0..{num - 1} "
-                    f"(num_labels={num} from {source}); fix the data or set model.num_labels"
-                )
     if problems:
         raise ConfigError(problems)
-    return LabelInfo(num_labels=num, names=names)
+    return task.check_labels(splits, model_num_labels)
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +154,7 @@ def cache_key(cfg: RunConfig, tokenizer_id: str) -> str:
         "train": _source_fingerprint(d.train),
         "validation": _source_fingerprint(d.validation),
         "test": _source_fingerprint(d.test),
-        "data": d.model_dump(mode="json", exclude={"cache_dir"}),
+        "data": d.model_dump(mode="json", exclude={"cache_dir", *LOADER_KEYS}),
         "tokenizer": tokenizer_id,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
@@ -227,44 +174,12 @@ def cache_root(cfg: RunConfig) -> Path:
 def tokenize_splits(
     cfg: RunConfig, splits: dict[str, Any], tokenizer, labels: LabelInfo | None
 ) -> dict[str, Any]:
-    d = cfg.data
+    task = build_task(cfg)
     keep = ["input_ids", "attention_mask", "labels"]
-
-    def classify(batch):
-        pair = batch[d.text_pair_column] if d.text_pair_column else None
-        enc = tokenizer(batch[d.text_column], pair, truncation=True, max_length=d.max_length)
-        y = batch[d.label_column]
-        if labels and labels.names:
-            index = {n: i for i, n in enumerate(labels.names)}
-            y = [index[v] for v in y]
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": y}
-
-    def causal(batch):
-        eos = tokenizer.eos_token_id
-        ids_out, mask_out, labels_out = [], [], []
-        if d.prompt_column:
-            prompts = tokenizer(batch[d.prompt_column], add_special_tokens=False)["input_ids"]
-            responses = tokenizer(batch[d.response_column], add_special_tokens=False)["input_ids"]
-            for p, r in zip(prompts, responses):
-                ids = (p + r + ([eos] if eos is not None else []))[: d.max_length]
-                lab = ([-100] * len(p) + r + ([eos] if eos is not None else []))[: d.max_length]
-                ids_out.append(ids)
-                labels_out.append(lab)
-                mask_out.append([1] * len(ids))
-        else:
-            enc = tokenizer(batch[d.text_column], add_special_tokens=False)["input_ids"]
-            for ids in enc:
-                ids = (ids + ([eos] if eos is not None else []))[: d.max_length]
-                ids_out.append(ids)
-                labels_out.append(list(ids))
-                mask_out.append([1] * len(ids))
-        return {"input_ids": ids_out, "attention_mask": mask_out, "labels": labels_out}
-
-    fn = classify if cfg.task == "classification" else causal
     out = {}
     for name, ds in splits.items():
         tok = ds.map(
-            fn,
+            lambda batch: task.tokenize(batch, tokenizer, labels),
             batched=True,
             remove_columns=ds.column_names,
             desc=f"tokenising {name}",
@@ -288,13 +203,14 @@ def prepare(cfg: RunConfig, is_local_leader: bool, barrier) -> Prepared:
     import datasets
     from transformers import AutoTokenizer
 
-    from .tasks import build_tokenizer, model_num_labels, tokenizer_id
+    from .models import build_tokenizer, tokenizer_id
 
+    task = build_task(cfg)
     path = cache_root(cfg) / cache_key(cfg, tokenizer_id(cfg))
     if is_local_leader and not (path / "DONE").exists():
         raw = load_raw_splits(cfg)
-        labels = check_splits(cfg, raw, model_num_labels(cfg))
-        tokenizer = build_tokenizer(cfg, lambda: raw["train"][cfg.data.text_column])
+        labels = check_splits(cfg, raw, task.model_num_labels(cfg))
+        tokenizer = build_tokenizer(cfg, task, lambda: raw["train"][cfg.data.text_column])
         splits = tokenize_splits(cfg, raw, tokenizer, labels)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
@@ -391,30 +307,67 @@ def eval_shards(
         yield chunk, valid
 
 
-class Collator:
-    """Dynamic padding to the longest sequence of the batch."""
-
-    def __init__(self, pad_id: int, task: str):
-        self.pad_id = pad_id
-        self.task = task
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids, mask, labels = [], [], []
-        for r in rows:
-            pad = longest - len(r["input_ids"])
-            ids.append(r["input_ids"] + [self.pad_id] * pad)
-            mask.append(r["attention_mask"] + [0] * pad)
-            if self.task == "causal_lm":
-                labels.append(r["labels"] + [-100] * pad)
-        batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-        batch["labels"] = (
-            torch.tensor(labels)
-            if self.task == "causal_lm"
-            else torch.tensor([r["labels"] for r in rows])
-        )
-        return batch
-
-
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
+
+
+class StepBatchSampler:
+    """The batch sampler of the training ``DataLoader``: this rank's micro-batches of
+    optimizer steps ``start .. stop-1`` in order, ``accum`` per step, straight from the
+    step-keyed plan (a resume starts at its step; nothing is iterated through)."""
+
+    def __init__(
+        self, plan: GlobalBatchPlan, rank: int, world: int, micro: int, start: int, stop: int
+    ):
+        self.plan, self.rank, self.world, self.micro = plan, rank, world, micro
+        self.start, self.stop = start, stop
+        self.accum = plan.global_batch // (micro * world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield from self.plan.micro_batches(step, self.rank, self.world, self.micro)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+
+LOADER_KEYS = frozenset({"num_workers", "prefetch_factor", "pin_memory"})
+
+
+def loader_options(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """``DataLoader`` keywords: collation runs in worker processes (1 on CPU, where it only
+    has to stay off the step; 2 on GPU, pinned, so the next batch is ready and its copy to the
+    device can overlap). A private generator seeds the workers, so creating a loader never
+    draws from the global RNG that dropout uses (exact resume depends on that)."""
+    d = cfg.data
+    workers = d.num_workers if d.num_workers != "auto" else (2 if device.type == "cuda" else 1)
+    pin = d.pin_memory if d.pin_memory != "auto" else device.type == "cuda"
+    opts: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": pin,
+        "generator": torch.Generator(),
+    }
+    if workers:
+        opts.update(prefetch_factor=d.prefetch_factor, multiprocessing_context="fork")
+    return opts
+
+
+def train_loader(dataset, sampler: StepBatchSampler, collate, options: dict[str, Any]):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **options)
+
+
+def eval_loader(dataset, rank: int, world: int, micro: int, collate, options: dict[str, Any]):
+    """(loader, valid masks): the eval shards of this rank, placeholders marked invalid."""
+    from torch.utils.data import DataLoader
+
+    shards = list(eval_shards(len(dataset), rank, world, micro))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[idx for idx, _ in shards],
+        collate_fn=collate,
+        persistent_workers=options["num_workers"] > 0,
+        **options,
+    )
+    return loader, [torch.tensor(valid) for _, valid in shards]

@@ -1,16 +1,19 @@
-"""The training loop, top to bottom: build → resume → step / log / eval / checkpoint → finish.
+"""The training loop: ``setup`` builds everything once, ``train`` steps, ``finish`` reports.
 
-python -m trainer configs/demo.yaml --run-dir runs/demo          # one process
-torchrun --nproc-per-node 2 -m trainer configs/demo.yaml          # by hand
-zerotune train configs/demo.yaml --nproc-per-node 2               # the launcher
+    python -m trainer configs/demo.yaml --run-dir runs/demo          # one process
+    torchrun --nproc-per-node 2 -m trainer configs/demo.yaml          # by hand
+    zerotune train configs/demo.yaml --nproc-per-node 2               # the launcher
+
+The loop itself only sequences: the evaluator decides when to evaluate, the checkpoint
+manager when to save, the sinks who writes; the task decides what a batch means.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
+import resource
 import socket
 import sys
 import time
@@ -23,22 +26,28 @@ import torch
 
 from . import checkpoint as ckpt_mod
 from . import faults
+from .batch import resolve_batch
 from .config import RunConfig, dump_config
-from .data import Collator, GlobalBatchPlan, count_tokens, eval_shards, prepare
-from .deepspeed_config import resolve_batch
+from .data import (
+    GlobalBatchPlan,
+    StepBatchSampler,
+    count_tokens,
+    loader_options,
+    prepare,
+    train_loader,
+)
 from .distributed import all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object
 from .engine import build_engine
 from .env import DistEnv
-from .export import save_hf_metadata
+from .evaluate import Evaluator
+from .export import export_checkpoint, save_hf_metadata
+from .files import write_json_atomic
+from .fingerprint import fingerprint
 from .metrics import build_sinks, memory_stats
-from .preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, requeue_slurm_job
-from .tasks import (
-    build_model,
-    classification_metrics,
-    classification_report,
-    lm_metrics,
-    token_loss_sum,
-)
+from .models import build_model
+from .preemption import PreemptionFlag, requeue_slurm_job
+from .process import ExitCode, versions
+from .tasks import EvalResult, build_task
 
 
 @dataclass
@@ -69,45 +78,14 @@ class TrainerState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def track_best(
-    state: TrainerState,
-    value: float,
-    step: int,
-    mode: str,
-    patience: int | None,
-    final: bool = False,
-) -> None:
-    """Record the best evaluation; after ``patience`` evaluations without improvement set
-    ``stopped_early`` (the final evaluation updates the best but never counts against it)."""
-    better = state.best_metric is None or (
-        value > state.best_metric if mode == "max" else value < state.best_metric
-    )
-    if better:
-        state.best_metric, state.best_step, state.bad_evals = value, step, 0
-    elif not final:
-        state.bad_evals += 1
-        if patience and state.bad_evals >= patience:
-            state.stopped_early = True
-
-
-def _rows(ds, indices: list[int]) -> list[dict[str, Any]]:
-    cols = ds[indices]
-    keys = list(cols)
-    return [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))]
-
-
-def _digest(state_dict: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Trainer:
@@ -127,8 +105,16 @@ class Trainer:
             resume,
         )
         self.rank, self.world = env.rank, env.world_size
+        self.task = build_task(cfg)
+        self.t_start = time.time()
+        # built by setup()
+        self.state = TrainerState()
+        self.plan = self.sampler = self.total = None
+        self.tokenizer = self.train_batches = self.engine = self.evaluator = None
+        self.ckpts = self.sinks = self.flag = None
+        self.num_parameters = 0
+        self.step_times: list[float] = []  # per step after the warm-up ones, for the summary
 
-    # ----------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
         if self.rank == 0:
             from tqdm.auto import tqdm
@@ -136,293 +122,255 @@ class Trainer:
             tqdm.write(f"[zerotune] {msg}", file=sys.stderr)
 
     def run(self) -> int:
+        code = ExitCode.FAILED
+        try:
+            self.setup()
+            code = self.train()
+            if code == ExitCode.DONE:
+                self.finish()
+            return code
+        finally:
+            self.close(preempted=code == ExitCode.PREEMPTED)
+
+    # ---- set-up --------------------------------------------------------------------------
+    def setup(self) -> None:
         cfg = self.cfg
-        t_start = time.time()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         barrier()
-
         data = prepare(cfg, self.env.local_rank == 0, barrier)
-        self.tokenizer, self.labels = data.tokenizer, data.labels
-        train, self.eval_splits = (
-            data.splits["train"],
-            {k: v for k, v in data.splits.items() if k != "train"},
+        self.tokenizer = data.tokenizer
+        self.plan = resolve_batch(cfg, self.world)
+        self.sampler = GlobalBatchPlan(
+            len(data.splits["train"]), self.plan.global_batch, cfg.train.seed
         )
-        plan = resolve_batch(cfg, self.world)
-        self.plan = plan
-        sampler = GlobalBatchPlan(len(train), plan.global_batch, cfg.train.seed)
-        total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
-        self.total = total
+        self.total = cfg.train.max_steps or max(
+            1, math.ceil(cfg.train.epochs * self.sampler.steps_per_epoch)
+        )
 
-        # Resume point is decided before the engine exists: a new world size needs DeepSpeed's
-        # universal loader switched on in its config.
-        ckpts = ckpt_mod.CheckpointManager(self.run_dir, cfg, {"hostname": socket.gethostname()})
+        # The resume point is decided before the engine exists: a new world size needs
+        # DeepSpeed's universal loader switched on in its config.
+        self.ckpts = ckpt_mod.CheckpointManager(
+            self.run_dir, cfg, {"hostname": socket.gethostname()}
+        )
         resume_from = broadcast_object(
             ckpt_mod.resolve_resume(self.run_dir, self.resume, cfg.checkpoint.verify, warn=self.log)
             if self.rank == 0
             else None
         )
-        ckpts.clean_stale()
-        saved_world, load_dir, universal = None, None, False
-        if resume_from is not None:
-            problems = ckpt_mod.check_compatible(resume_from, cfg)
-            if problems:
-                raise ckpt_mod.CheckpointError("; ".join(problems))
-            saved_world = ckpt_mod.read_manifest(resume_from)["world_size"]
-            load_dir = resume_from
-            if saved_world != self.world and cfg.engine == "deepspeed" and cfg.zero.stage >= 1:
-                t0 = time.perf_counter()
-                load_dir = ckpt_mod.ensure_universal(resume_from)
-                universal = True
-                self.log(
-                    f"converted {resume_from.name} ({saved_world} ranks) to a universal checkpoint in {time.perf_counter() - t0:.1f}s"
-                )
+        self.ckpts.clean_stale()
+        load_dir, saved_world = self._resume_source(resume_from)
 
         seed_everything(cfg.train.seed)
-        model = build_model(
-            cfg,
-            self.tokenizer,
-            self.labels.num_labels if self.labels else None,
-            self.labels.names if self.labels else None,
+        model = build_model(cfg, self.task, self.tokenizer, self.task.head_config(data.labels))
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.ckpts.hf_writer = lambda d: save_hf_metadata(model.config, self.tokenizer, d)
+        universal = load_dir is not None and load_dir != resume_from
+        self.engine = build_engine(
+            cfg, model, self.plan, self.total, self.device, load_universal=universal
         )
-        self.param_count = sum(p.numel() for p in model.parameters())
-        ckpts.hf_writer = lambda d: save_hf_metadata(model.config, self.tokenizer, d)
-        engine = build_engine(cfg, model, plan, total, self.device, load_universal=universal)
-        self.engine = engine
         seed_everything(cfg.train.seed + 1000 * self.rank)
+        loaded = self._load(resume_from, load_dir, saved_world) if resume_from else None
 
-        state = TrainerState()
-        load_seconds = None
-        if resume_from is not None:
-            t0 = time.perf_counter()
-            engine.load(load_dir)
-            saved, rng = ckpt_mod.load_trainer_state(resume_from, self.rank, self.world)
-            state = TrainerState.from_dict(saved)
-            if rng is not None:
-                ckpt_mod.set_rng_state(rng)
-            load_seconds = time.perf_counter() - t0
-            self.log(
-                f"resumed from {resume_from} at step {state.step} ({state.samples_seen} samples seen; "
-                f"saved with {saved_world} ranks, now {self.world}; grad accumulation {plan.accum}) in {load_seconds:.1f}s"
-            )
+        options = loader_options(cfg, self.device)
+        collate = self.task.collate(self.tokenizer.pad_token_id)
+        rank_batches = StepBatchSampler(
+            self.sampler, self.rank, self.world, self.plan.micro, self.state.step, self.total
+        )
+        self.train_batches = train_loader(data.splits["train"], rank_batches, collate, options)
+        evals = {k: v for k, v in data.splits.items() if k != "train"}
+        self.evaluator = Evaluator(
+            cfg, self.task, self.engine, evals, data.labels, self.rank, self.world, collate, options
+        )
         hosts = all_gather_object(socket.gethostname())
         if self.rank == 0:
-            self._write_env(engine, resume_from, hosts)
-
-        sinks = build_sinks(
+            self._write_env(resume_from, hosts)
+        self.sinks = build_sinks(
             self.rank,
             self.run_dir,
             cfg.logging.tensorboard,
             cfg.logging.progress_bar,
-            total,
-            state.step,
+            self.total,
+            self.state.step,
         )
-        if load_seconds is not None:
-            sinks.log(
-                state.step,
-                {"load_seconds": load_seconds, "restart_count": self.env.restart_count},
-                "checkpoint",
-            )
-        flag = PreemptionFlag(cfg.launch.preemption_signals)
-        collate = Collator(self.tokenizer.pad_token_id, cfg.task)
-        metric_name, mode = cfg.eval_metric()
-        step_times: list[float] = []
-        last_eval: dict[str, Any] | None = None
-        last_saved = state.step if resume_from is not None else -1  # no re-save of what was loaded
-        exit_code = 0
-        try:
-            engine.train()
-            while state.step < total:
-                t0 = time.perf_counter()
-                idx = sampler.micro_batches(state.step, self.rank, self.world, plan.micro)
-                batches = [collate(_rows(train, i)) for i in idx]
-                result = engine.train_step(batches)
-                state.step += 1
-                dt = time.perf_counter() - t0
-                state.samples_seen += plan.global_batch
-                local_tokens = sum(count_tokens(b) for b in batches)
-                state.acc_loss += result.loss
-                state.acc_steps += 1
-                state.acc_tokens += local_tokens
-                state.acc_samples += plan.global_batch
-                if state.step > cfg.logging.warmup_steps_excluded:
-                    step_times.append(dt)
-                faults.maybe_fail("step", state.step)
+        if loaded is not None:
+            self.sinks.log(self.state.step, loaded, "checkpoint")
+        self.flag = PreemptionFlag(cfg.launch.preemption_signals)
 
-                if state.step % cfg.logging.every_steps == 0 or state.step == total:
-                    loss_sum, tokens, tsum = all_reduce_sum(
-                        [state.acc_loss, state.acc_tokens, dt], self.device
-                    )
-                    state.tokens_seen += int(tokens)
-                    values = {
-                        "loss": loss_sum / (state.acc_steps * self.world),
-                        "lr": engine.lr(),
-                        "grad_norm": result.grad_norm,
-                        "loss_scale": result.loss_scale,
-                        "epoch": state.samples_seen / sampler.num_samples,
-                        "samples_per_s": plan.global_batch / (tsum / self.world),
-                        "tokens_per_s": tokens / state.acc_steps / (tsum / self.world),
-                        "step_time_s": tsum / self.world,
-                        **memory_stats(self.device),
-                    }
-                    sinks.log(
-                        state.step, {k: v for k, v in values.items() if v is not None}, "train"
-                    )
-                    state.acc_loss, state.acc_steps, state.acc_tokens, state.acc_samples = (
-                        0.0,
-                        0,
-                        0,
-                        0,
-                    )
-                else:
-                    sinks.progress(state.step)
+    def _resume_source(self, resume_from: Path | None) -> tuple[Path | None, int | None]:
+        """(what the engine loads, the world size it was saved at): the checkpoint itself, or
+        its universal conversion when the world size changed under ZeRO 1-3."""
+        if resume_from is None:
+            return None, None
+        problems = ckpt_mod.check_compatible(resume_from, self.cfg)
+        if problems:
+            raise ckpt_mod.CheckpointError("; ".join(problems))
+        saved_world = ckpt_mod.read_manifest(resume_from)["world_size"]
+        if saved_world == self.world or self.cfg.engine != "deepspeed" or self.cfg.zero.stage == 0:
+            return resume_from, saved_world
+        t0 = time.perf_counter()
+        universal = ckpt_mod.ensure_universal(resume_from)
+        self.log(
+            f"converted {resume_from.name} ({saved_world} ranks) to a universal checkpoint "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
+        return universal, saved_world
 
-                preempted = any_rank(flag.set, self.device)
-                last = state.step == total
-                if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and not last:
-                    last_eval = self.evaluate("validation")
-                    sinks.log(state.step, last_eval, "eval")
-                    self._track_best(state, last_eval, metric_name, mode)
-                    engine.train()
-                due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
-                if (due or preempted) and not last:
-                    self._save(ckpts, state, sampler, sinks, last_eval, metric_name)
-                    last_saved = state.step
-                if preempted:
-                    self.log(
-                        f"preemption signal ({flag.received or 'on another rank'}): saved step {state.step}, exiting {PREEMPTED_EXIT_CODE}"
-                    )
-                    exit_code = PREEMPTED_EXIT_CODE
-                    break
-                if state.stopped_early:
-                    self.log(
-                        f"early stop at step {state.step}: {metric_name} has not improved for {state.bad_evals} evaluations"
-                    )
-                    break
+    def _load(self, resume_from: Path, load_dir: Path, saved_world: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.engine.load(load_dir)
+        saved, rng = ckpt_mod.load_trainer_state(resume_from, self.rank, self.world)
+        self.state = TrainerState.from_dict(saved)
+        if rng is not None:
+            ckpt_mod.set_rng_state(rng)
+        self.ckpts.last_saved = self.state.step  # what was loaded is not saved again
+        seconds = time.perf_counter() - t0
+        self.log(
+            f"resumed from {resume_from} at step {self.state.step} ({self.state.samples_seen} samples seen; "
+            f"saved with {saved_world} ranks, now {self.world}; grad accumulation {self.plan.accum}) in {seconds:.1f}s"
+        )
+        return {"load_seconds": seconds, "restart_count": self.env.restart_count}
 
-            if exit_code == PREEMPTED_EXIT_CODE:
-                barrier()  # every rank has its shard on disk before anyone requeues or exits
-                # slurm/train.sbatch requeues after the step exits 75 (ZEROTUNE_SBATCH_REQUEUE=1);
-                # a user's own batch script gets the requeue from rank 0 here.
-                sbatch_requeues = os.environ.get("ZEROTUNE_SBATCH_REQUEUE") == "1"
-                if (
-                    self.rank == 0
-                    and cfg.launch.requeue_on_preemption
-                    and os.environ.get("SLURM_JOB_ID")
-                    and not sbatch_requeues
-                ):
-                    requeue_slurm_job()
-                return exit_code
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> ExitCode:
+        state, engine, cfg = self.state, self.engine, self.cfg
+        batches = iter(self.train_batches)
+        engine.train()
+        while state.step < self.total:
+            t0 = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(self.plan.accum)]
+            result = engine.train_step(micro_batches)
+            state.step += 1
+            dt = time.perf_counter() - t0
+            state.samples_seen += self.plan.global_batch
+            state.acc_loss += result.loss
+            state.acc_steps += 1
+            state.acc_tokens += sum(count_tokens(b) for b in micro_batches)
+            state.acc_samples += self.plan.global_batch
+            if state.step > cfg.logging.warmup_steps_excluded:
+                self.step_times.append(dt)
+            faults.maybe_fail("step", state.step)
 
-            # ---- finish: final eval, test, checkpoint, export, results ------------------
-            final_eval = self.evaluate("validation")
-            sinks.log(state.step, final_eval, "eval")
-            self._track_best(state, final_eval, metric_name, mode, final=True)
-            test_eval = None
-            if "test" in self.eval_splits:
-                test_eval = self.evaluate("test")
-                sinks.log(state.step, test_eval, "test")
-            if last_saved != state.step:
-                self._save(ckpts, state, sampler, sinks, final_eval, metric_name)
-            full = engine.full_state_dict()
-            digests = all_gather_object(_digest(full))
-            if self.rank == 0 and cfg.checkpoint.export_final:
-                self._export(engine.module, full)
-            del full
-            results = self._results(
-                state, final_eval, test_eval, step_times, digests, time.time() - t_start
-            )
-            if self.rank == 0:
-                ckpt_mod.write_json_atomic(self.run_dir / "results.json", results)
-                if "classification_report" in results:
-                    (self.run_dir / "classification_report.txt").write_text(
-                        results["classification_report"] + "\n"
-                    )
-                sinks.log_hparams(
-                    self._hparams(), {f"validation_{k}": v for k, v in final_eval.items()}
-                )
-                self._summary(results)
-            barrier()
-            return 0
-        finally:
-            if exit_code == PREEMPTED_EXIT_CODE:
-                # after a preemption save, a late SIGTERM (srun's --kill-on-bad-exit once another
-                # rank exited 75) must not turn exit code 75 into 143; Python resets its own
-                # handlers during shutdown but leaves "ignore" alone
-                flag.ignore()
+            last = state.step == self.total
+            if state.step % cfg.logging.every_steps == 0 or last:
+                self._log_train(result, dt)
             else:
-                flag.restore()
-            sinks.close()
+                self.sinks.progress(state.step)
 
-    # ----------------------------------------------------------------------------------
-    def _track_best(
-        self, state: TrainerState, ev: dict[str, Any], name: str, mode: str, final: bool = False
-    ) -> None:
-        if name not in ev:
-            raise KeyError(f"eval.metric {name!r} is not among the evaluation metrics {sorted(ev)}")
-        track_best(state, ev[name], state.step, mode, self.cfg.eval.early_stopping_patience, final)
+            preempted = any_rank(self.flag.set, self.device)
+            if self.evaluator.should_evaluate(state.step, last):
+                ev = self.evaluator.evaluate("validation")
+                self.sinks.log(state.step, ev.metrics, "eval")
+                self.evaluator.track(state, ev, state.step)
+            if self.ckpts.should_save(state.step, last, preempted):
+                self._save()
+            if preempted:
+                self.log(
+                    f"preemption signal ({self.flag.received or 'on another rank'}): "
+                    f"saved step {state.step}, exiting {ExitCode.PREEMPTED}"
+                )
+                self._after_preemption()
+                return ExitCode.PREEMPTED
+            if state.stopped_early:
+                self.log(
+                    f"early stop at step {state.step}: {self.evaluator.metric} has not improved "
+                    f"for {state.bad_evals} evaluations"
+                )
+                break
+        return ExitCode.DONE
 
-    def _save(
-        self, ckpts, state: TrainerState, sampler: GlobalBatchPlan, sinks, ev, metric_name
-    ) -> None:
-        epoch, _ = sampler.position(state.step)
-        metric = ev.get(metric_name) if ev else None
-        fig = ckpts.save(
-            state.step,
+    def _log_train(self, result, dt: float) -> None:
+        state = self.state
+        loss_sum, tokens, tsum = all_reduce_sum([state.acc_loss, state.acc_tokens, dt], self.device)
+        state.tokens_seen += int(tokens)
+        step_time = tsum / self.world
+        values = {
+            "loss": loss_sum / (state.acc_steps * self.world),
+            "lr": self.engine.lr(),
+            "grad_norm": result.grad_norm,
+            "loss_scale": result.loss_scale,
+            "skipped_steps": self.engine.skipped_steps if self.cfg.precision == "fp16" else None,
+            "epoch": state.samples_seen / self.sampler.num_samples,
+            "samples_per_s": self.plan.global_batch / step_time,
+            "tokens_per_s": tokens / state.acc_steps / step_time,
+            "step_time_s": step_time,
+            **memory_stats(self.device),
+        }
+        self.sinks.log(state.step, {k: v for k, v in values.items() if v is not None}, "train")
+        state.acc_loss, state.acc_steps, state.acc_tokens, state.acc_samples = 0.0, 0, 0, 0
+
+    def _save(self, metric: float | None = None) -> None:
+        epoch, _ = self.sampler.position(self.state.step)
+        figures = self.ckpts.save(
+            self.state.step,
             self.engine,
-            state.as_dict(epoch, self.world, self.plan.global_batch),
+            self.state.as_dict(epoch, self.world, self.plan.global_batch),
             metric,
         )
-        fig = {k: v for k, v in fig.items() if k != "step"}
-        sinks.log(state.step, fig, "checkpoint")
+        self.sinks.log(
+            self.state.step, {k: v for k, v in figures.items() if k != "step"}, "checkpoint"
+        )
 
-    @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, Any]:
-        """Metrics over exactly the whole split across ranks (placeholders never counted)."""
-        ds = self.eval_splits[split]
-        self.engine.eval()
-        micro = self.cfg.eval.micro_batch_size or 2 * self.cfg.train.micro_batch_size
-        collate = Collator(self.tokenizer.pad_token_id, self.cfg.task)
-        preds, labels, loss_sum, count = [], [], 0.0, 0
-        tok_loss, tok_count = 0.0, 0
-        for indices, valid in eval_shards(len(ds), self.rank, self.world, micro):
-            batch = collate(_rows(ds, indices))
-            out = self.engine.forward(batch)
-            keep = torch.tensor(valid)
-            if self.cfg.task == "classification":
-                logits = out.logits.float().cpu()
-                y = batch["labels"]
-                per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-                loss_sum += float(per[keep].sum())
-                count += int(keep.sum())
-                preds += logits.argmax(dim=-1)[keep].tolist()  # argmax over the class dimension
-                labels += y[keep].tolist()
-            else:
-                s, n = token_loss_sum(out.logits.cpu(), batch["labels"])
-                tok_loss += float(s[keep].sum())
-                tok_count += int(n[keep].sum())
-        if self.cfg.task == "classification":
-            gathered = all_gather_object((preds, labels))
-            all_p = [p for g in gathered for p in g[0]]
-            all_y = [y for g in gathered for y in g[1]]
-            total_loss, total_n = all_reduce_sum([loss_sum, count], self.device)
-            m = classification_metrics(all_p, all_y, self.labels.num_labels, self.labels.names)
-            self.last_report = m
-            flat = {k: v for k, v in m.items() if k != "per_class"}
-            return {"loss": total_loss / max(total_n, 1), **flat}
-        total_loss, total_n = all_reduce_sum([tok_loss, tok_count], self.device)
-        return lm_metrics(total_loss, int(total_n))
+    def _after_preemption(self) -> None:
+        barrier()  # every rank has its shard on disk before anyone requeues or exits
+        # slurm/train.sbatch requeues after the step exits 75 (ZEROTUNE_SBATCH_REQUEUE=1);
+        # a user's own batch script gets the requeue from rank 0 here.
+        sbatch_requeues = os.environ.get("ZEROTUNE_SBATCH_REQUEUE") == "1"
+        if (
+            self.rank == 0
+            and self.cfg.launch.requeue_on_preemption
+            and os.environ.get("SLURM_JOB_ID")
+            and not sbatch_requeues
+        ):
+            requeue_slurm_job()
 
-    def _export(self, module, full: dict[str, torch.Tensor]) -> None:
-        from .export import save_pretrained
+    # ---- finish: final evaluation, test, checkpoint, export, results ---------------------
+    def finish(self) -> None:
+        state, ev = self.state, self.evaluator
+        rss_train = peak_rss_gb()  # the peak so far: set-up and training
+        final = ev.evaluate("validation")
+        self.sinks.log(state.step, final.metrics, "eval")
+        ev.track(state, final, state.step, final=True)
+        test = None
+        if "test" in ev.loaders:
+            test = ev.evaluate("test")
+            self.sinks.log(state.step, test.metrics, "test")
+        if self.ckpts.needs_final_save(state.step):
+            self._save(final.metrics.get(ev.metric))
+        prints = all_gather_object(fingerprint(self.engine.module))
+        rss = all_gather_object([rss_train, peak_rss_gb()])
+        if self.rank == 0:
+            if self.cfg.checkpoint.export_final:
+                # final/ is `zerotune export` of the last checkpoint, made by rank 0 from the
+                # files: fp32 master weights, one parameter at a time; no rank gathers the model
+                ckpt = self.ckpts.root / ckpt_mod.step_dir_name(state.step)
+                export_checkpoint(ckpt, self.run_dir / "final")
+            results = self._results(final, test, prints, rss)
+            write_json_atomic(self.run_dir / "results.json", results)
+            for split, r in (("validation", final), ("test", test)):
+                text = self.task.report_text(r.report) if r is not None and r.report else None
+                if text:
+                    suffix = "" if split == "validation" else f"_{split}"
+                    (self.run_dir / f"{self.task.report_file}{suffix}.txt").write_text(text + "\n")
+            self.sinks.log_hparams(
+                self._hparams(), {f"validation_{k}": v for k, v in final.metrics.items()}
+            )
+            self._summary(results)
+        barrier()
 
-        save_pretrained(full, module.config, self.run_dir / "final", tokenizer=self.tokenizer)
+    def close(self, preempted: bool) -> None:
+        if self.flag is not None:
+            # after a preemption save, a late SIGTERM (srun's --kill-on-bad-exit once another
+            # rank exited 75) must not turn exit code 75 into 143; Python resets its own
+            # handlers during shutdown but leaves "ignore" alone
+            self.flag.ignore() if preempted else self.flag.restore()
+        if self.sinks is not None:
+            self.sinks.close()
 
-    def _write_env(self, engine, resume_from, hosts: list[str]) -> None:
+    # ---- reports -------------------------------------------------------------------------
+    def _write_env(self, resume_from: Path | None, hosts: list[str]) -> None:
         import platform
-
-        from .checkpoint import versions
 
         info = {
             "launcher": self.env.launcher,
@@ -442,43 +390,51 @@ class Trainer:
                 "global": self.plan.global_batch,
             },
             "total_steps": self.total,
-            "parameters": self.param_count,
+            "parameters": self.num_parameters,
+            "param_dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
             "resumed_from": str(resume_from) if resume_from else None,
         }
-        ckpt_mod.write_json_atomic(self.run_dir / "env.json", info)
-        if getattr(engine, "ds_config", None) is not None:
-            ckpt_mod.write_json_atomic(self.run_dir / "deepspeed.json", engine.ds_config)
+        write_json_atomic(self.run_dir / "env.json", info)
+        if getattr(self.engine, "ds_config", None) is not None:
+            write_json_atomic(self.run_dir / "deepspeed.json", self.engine.ds_config)
 
-    def _results(self, state, final_eval, test_eval, step_times, digests, wall) -> dict[str, Any]:
-        mean_step = sum(step_times) / len(step_times) if step_times else None
+    def _results(
+        self, final: EvalResult, test: EvalResult | None, prints: list[dict], rss: list
+    ) -> dict[str, Any]:
+        state, times = self.state, self.step_times
+        mean_step = sum(times) / len(times) if times else None
         results = {
             "steps": state.step,
             "total_steps": self.total,
             "stopped_early": state.stopped_early,
             "samples_seen": state.samples_seen,
             "tokens_seen": state.tokens_seen,
-            "validation": final_eval,
-            "test": test_eval,
+            "validation": final.metrics,
+            "test": test.metrics if test else None,
             "best": {
-                "metric": self.cfg.eval_metric()[0],
+                "metric": self.evaluator.metric,
                 "value": state.best_metric,
                 "step": state.best_step,
             },
             "throughput": {
                 "mean_step_time_s": mean_step,
                 "samples_per_s": self.plan.global_batch / mean_step if mean_step else None,
-                "steps_timed": len(step_times),
+                "steps_timed": len(times),
                 "warmup_steps_excluded": self.cfg.logging.warmup_steps_excluded,
             },
+            "memory": {
+                "host_peak_rss_gb_train": [r[0] for r in rss],  # per rank, at the end of the loop
+                "host_peak_rss_gb_end": [r[1] for r in rss],  # per rank, after the finish
+            },
             "world_size": self.world,
-            "parameters": self.param_count,
-            "param_digests": digests,
-            "params_in_sync": len(set(digests)) == 1,
-            "wall_time_s": wall,
+            "parameters": self.num_parameters,
+            "param_digests": [f"{p['replicated']}:{p['shard']}" for p in prints],
+            "params_in_sync": len({p["replicated"] for p in prints}) == 1,
+            "wall_time_s": time.time() - self.t_start,
         }
-        if self.cfg.task == "classification":
-            results["classification_report"] = classification_report(self.last_report)
-            results["validation_per_class"] = self.last_report["per_class"]
+        for split, r in (("validation", final), ("test", test)):
+            if r is not None and r.report:
+                results.update(self.task.report_results(split, r.report))
         return results
 
     def _hparams(self) -> dict[str, Any]:

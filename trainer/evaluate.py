@@ -1,0 +1,77 @@
+"""Evaluation: when to run it, running it over whole splits, and tracking the best step.
+
+The task decides what a batch contributes (``Task.evaluation``: ``update`` / ``compute``);
+this module owns the cadence, the sharding over ranks (every sample counted exactly once,
+ZeRO-3 ranks in lock step) and early stopping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .data import eval_loader
+from .tasks import EvalResult, LabelInfo, Task
+
+
+def track_best(
+    state, value: float, step: int, mode: str, patience: int | None, final: bool = False
+) -> None:
+    """Record the best evaluation on ``state``; after ``patience`` evaluations without
+    improvement set ``stopped_early`` (the final evaluation updates the best but never
+    counts against it)."""
+    better = state.best_metric is None or (
+        value > state.best_metric if mode == "max" else value < state.best_metric
+    )
+    if better:
+        state.best_metric, state.best_step, state.bad_evals = value, step, 0
+    elif not final:
+        state.bad_evals += 1
+        if patience and state.bad_evals >= patience:
+            state.stopped_early = True
+
+
+class Evaluator:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        task: Task,
+        engine,
+        splits: dict[str, Any],
+        labels: LabelInfo | None,
+        rank: int,
+        world: int,
+        collate,
+        loader_options: dict[str, Any],
+    ):
+        self.task, self.engine, self.labels = task, engine, labels
+        self.every = cfg.eval.every_steps
+        self.patience = cfg.eval.early_stopping_patience
+        self.metric, self.mode = cfg.eval_metric()
+        # an eval forward keeps no activations for backward: the training micro batch fits
+        micro = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+        self.loaders = {
+            split: eval_loader(ds, rank, world, micro, collate, loader_options)
+            for split, ds in splits.items()
+        }
+
+    def should_evaluate(self, step: int, last: bool) -> bool:
+        """Periodic evaluations; the last step's is the final one, run by the finish."""
+        return bool(self.every) and step % self.every == 0 and not last
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> EvalResult:
+        """Metrics over exactly the whole split across ranks (placeholders never counted)."""
+        loader, valid = self.loaders[split]
+        self.engine.eval()
+        acc = self.task.evaluation(self.engine.device, self.labels)
+        for batch, keep in zip(loader, valid):
+            out = self.engine.forward(batch)
+            acc.update(out.logits, batch, keep.to(out.logits.device))
+        self.engine.train()
+        return acc.compute()
+
+    def track(self, state, result: EvalResult, step: int, final: bool = False) -> None:
+        track_best(state, result.metrics[self.metric], step, self.mode, self.patience, final)
