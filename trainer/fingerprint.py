@@ -19,7 +19,7 @@ import hashlib
 import torch
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_CHUNK = 1 << 24  # elements per reduction: bounds the int64 scratch memory (128 MB)
+_CHUNK = 1 << 20  # elements per reduction: bounds the int64 scratch memory (3 × 8 MB)
 _MODULUS = 65521  # position weights 1..65521: never a multiple of 2
 
 
