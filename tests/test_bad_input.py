@@ -97,6 +97,7 @@ def test_existing_run_dir_is_left_untouched(capsys, tmp_path):
     assert rc == 2 and (run_dir / "config.yaml").read_text() == "precious: true\n"
 
 
+@pytest.mark.slow
 def test_real_cli_process_exit_code_and_rank_entry_point(tmp_path):
     env = base_env(tmp_path)
     p = subprocess.run(

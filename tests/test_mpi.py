@@ -61,6 +61,7 @@ def mpirun(args: list[str], cache_dir, timeout: int = 300) -> subprocess.Complet
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 @requires_mpi
 def test_mpirun_trains(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
@@ -74,6 +75,7 @@ def test_mpirun_trains(tmp_path, cache_dir):
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 @requires_mpi
 def test_doctor_under_mpirun(cache_dir):
     proc = mpirun(["-m", "launcher", "doctor", "--size-mb", "4"], cache_dir, timeout=180)
@@ -83,6 +85,7 @@ def test_doctor_under_mpirun(cache_dir):
     )
 
 
+@pytest.mark.slow
 def test_doctor_spawns_its_own_ranks(cache_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", "doctor", "--nproc-per-node", "2", "--size-mb", "1"],

@@ -23,7 +23,7 @@ from trainer.env import detect_env
 
 from conftest import TINY, base_env, check_ok, read_jsonl, results, zerotune
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TERMINAL = {
     "COMPLETED",

@@ -49,6 +49,7 @@ def submit(monkeypatch, capsys, cache_dir):
     return call
 
 
+@pytest.mark.slow
 def test_rendered_script_matches_golden(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     proc = zerotune(

@@ -2,6 +2,8 @@
 
 One uninterrupted run per ZeRO stage is shared by the assertions below (loss falls, ranks
 stay identical, TensorBoard tags, export) and serves as the reference for the resume tests.
+The engine arithmetic itself (same steps at every ZeRO stage and under DDP, bf16, sharding)
+is checked on in-process ranks in test_ranks.py, in seconds.
 """
 
 from __future__ import annotations
@@ -30,31 +32,6 @@ def test_zero_stage_trains_and_ranks_agree(stage, runs):
     env = json.loads((d / "env.json").read_text())
     assert env["launcher"] == "torchrun" and env["world_size"] == 2
     assert (d / "checkpoints" / "step_00000060" / "manifest.json").is_file()
-
-
-def test_bf16_trains(runs):
-    d = runs.get("bf16", "precision=bf16", "zero.stage=2")
-    losses = train_losses(d)
-    assert mean_loss(losses, 56, 60) < 0.8 * mean_loss(losses, 1, 5), losses
-    r = results(d)
-    assert r["params_in_sync"]
-    assert json.loads((d / "deepspeed.json").read_text())["bf16"]["enabled"] is True
-
-
-def test_ddp_baseline_trains(runs):
-    d = runs.get("ddp", "engine=ddp", "zero.stage=0")
-    losses = train_losses(d)
-    assert mean_loss(losses, 56, 60) < 0.8 * mean_loss(losses, 1, 5), losses
-    assert results(d)["params_in_sync"]
-
-
-def test_same_loss_across_stages(runs):
-    """ZeRO partitions state; it must not change the arithmetic beyond float noise."""
-    ref = train_losses(runs.stage(0))
-    for stage in (1, 2, 3):
-        other = train_losses(runs.stage(stage))
-        for s in range(1, 61):
-            assert other[s] == pytest.approx(ref[s], rel=2e-3, abs=2e-4), (stage, s)
 
 
 def test_tensorboard_tags_read_back(runs):
