@@ -5,8 +5,12 @@
     mpirun -np 8 python -m launcher doctor
 
 Every rank reports launcher, rank/world, host, master address and port, backend, device
-and versions; rank 0 prints one table. Checks: rank 0's host is MASTER_ADDR, all-reduce
-and all-gather give the right numbers, versions agree; then an all-reduce bandwidth probe.
+(the GPU the binding rule of trainer/devices.py gives it), versions and DeepSpeed's
+optimizer ops (fused_adam, cpu_adam: pre-built, compatible, and whether a JIT build could
+succeed: nvcc / CUDA_HOME, C++ compiler, ninja); rank 0 prints one table. Checks: each rank
+has its own GPU, rank 0's host is MASTER_ADDR, all-reduce and all-gather give the right
+numbers, versions agree, no inherited DS_ACCELERATOR contradicts the device; then an
+all-reduce bandwidth probe.
 Exit 0 with "doctor: all checks passed", else 1 with one line per problem.
 """
 
@@ -17,6 +21,7 @@ import socket
 import sys
 import time
 
+from trainer.devices import accelerator_warning
 from trainer.process import ExitCode
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -124,7 +129,9 @@ def _versions() -> dict[str, str]:
 
 def check_ranks(env, size_mb: float, iters: int) -> int:
     import torch
+    import torch.distributed as dist
 
+    from trainer.config import ConfigError
     from trainer.distributed import (
         all_gather_object,
         backend_for,
@@ -140,10 +147,18 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
             file=sys.stderr,
         )
         return ExitCode.FAILED
-    device = device_for(env)
-    backend = backend_for(device)
     try:
+        device = device_for(env)
+        backend = backend_for(device)
+        # before the group exists: importing deepspeed after a gloo group was made lets the
+        # process abort at exit now and then ("terminate called without an active exception")
+        ops = _ops_lines(device)
         env, device = init_distributed(env, timeout_minutes=2)
+    except ConfigError as e:  # device binding (shared or missing GPUs): the finding
+        if env.rank == 0 or not dist.is_initialized():
+            print(f"doctor: FAILED: rank {env.rank}: {e}", file=sys.stderr)
+        destroy()
+        return ExitCode.FAILED
     except Exception as e:  # a rendezvous that fails is the finding, not a crash
         print(
             f"doctor: rank {env.rank}: init_process_group({backend}) via {os.environ.get('MASTER_ADDR')}:"
@@ -157,8 +172,12 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
             "rank": rank,
             "local_rank": env.local_rank,
             "host": socket.gethostname(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": f"{device} {torch.cuda.get_device_name(device)}"
+            if device.type == "cuda"
+            else "cpu",
             "versions": _versions(),
+            "ops": ops,
+            "accelerator": accelerator_warning(os.environ, device.type == "cuda"),
         }
         ranks = all_gather_object(me)
         problems: list[str] = []
@@ -170,6 +189,7 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
                 problems.append(
                     f"ranks reported {[r['rank'] for r in ranks]}, expected 0..{world - 1}"
                 )
+            problems += sorted({r["accelerator"] for r in ranks if r["accelerator"]})
             for r in ranks[1:]:
                 if r["versions"] != ranks[0]["versions"]:
                     problems.append(
@@ -189,6 +209,20 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
         return ExitCode.FAILED if all_problems else ExitCode.DONE
     finally:
         destroy()
+
+
+def _ops_lines(device) -> list[str]:
+    """DeepSpeed's optimizer ops here: pre-built, compatible, and what a JIT build would need."""
+    from trainer.ops import compatible_ops, describe, detect_build_env
+
+    if device.type != "cuda":
+        # DeepSpeed's CPU accelerator, as the trainer picks it (without probing every op)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        compatible = compatible_ops()
+    except ImportError:
+        compatible = None
+    return describe(detect_build_env(), device.type == "cuda", compatible)
 
 
 def _collectives(rank: int, world: int, device) -> list[str]:
@@ -251,6 +285,15 @@ def _report(env, backend: str, ranks: list[dict], bw: dict[str, float]) -> None:
     print(f"{'rank':>4} {'local':>5}  {'host':<24} device")
     for r in ranks:
         print(f"{r['rank']:>4} {r['local_rank']:>5}  {r['host']:<24} {r['device']}")
+    hosts_by_ops: dict[tuple[str, ...], list[str]] = {}
+    for r in ranks:
+        hosts = hosts_by_ops.setdefault(tuple(r["ops"]), [])
+        if r["host"] not in hosts:
+            hosts.append(r["host"])
+    for lines, hosts in hosts_by_ops.items():
+        print(f"optimizer ops on {', '.join(hosts)}:")
+        for line in lines:
+            print(f"  {line}")
     print(
         f"all-reduce {bw['mb']:.1f} MB: {bw['ms']:.2f} ms, algbw {bw['algbw']:.2f} GB/s, busbw {bw['busbw']:.2f} GB/s"
     )

@@ -49,7 +49,16 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
     quiet_libraries()
     if cfg.engine == "deepspeed":
         configure_cpu_deepspeed()
-    env, device = init_distributed(env, cfg.launch.backend, cfg.launch.timeout_minutes)
+    try:
+        env, device = init_distributed(env, cfg.launch.backend, cfg.launch.timeout_minutes)
+    except ConfigError as e:  # device binding or backend: before any rank trains
+        import torch.distributed as dist
+
+        # found before the group exists, each rank speaks for itself; after, all agree
+        if env.rank == 0 or not dist.is_initialized():
+            report_config_error(e if env.world_size == 1 else f"rank {env.rank}: {e}")
+        destroy()
+        return ExitCode.CONFIG
     try:
         from .loop import Trainer
 
