@@ -19,7 +19,8 @@ raises fails the test with that rank's traceback; a rank that hangs fails it aft
 
 Forking is safe because the parent never creates a process group itself (checked; it then
 falls back to ``spawn``, which needs ``fn`` importable at module level) and each child sets
-torch to one thread before any work. DeepSpeed in a child uses its CPU accelerator and no
+torch to one thread before any work. ``ZEROTUNE_TEST_START_METHOD=spawn`` forces spawn (slower:
+every rank imports torch, transformers and DeepSpeed again). DeepSpeed in a child uses its CPU accelerator and no
 shm-comm op, so nothing is JIT-compiled. Children are not daemonic: DeepSpeed's universal
 conversion starts worker pools of its own.
 """
@@ -32,6 +33,7 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -72,19 +74,17 @@ def default_start_method() -> str:
 
 def use_cpu_deepspeed() -> None:
     """DeepSpeed on its CPU accelerator without JIT builds, also when a GPU is present."""
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    try:
-        import deepspeed.ops
+    os.environ["DS_ACCELERATOR"] = "cpu"  # read when DeepSpeed is first imported
+    if "deepspeed" not in sys.modules:
+        return
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator, set_accelerator
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        from deepspeed.accelerator import get_accelerator, set_accelerator
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if get_accelerator().device_name() != "cpu":  # pragma: no cover - imported on a GPU machine
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
-        if get_accelerator().device_name() != "cpu":  # pragma: no cover - GPU machines
-            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-            set_accelerator(CPU_Accelerator())
-    except ImportError:  # pragma: no cover - deepspeed missing
-        pass
+        set_accelerator(CPU_Accelerator())
 
 
 def _rank_main(

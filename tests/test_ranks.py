@@ -15,11 +15,12 @@ import contextlib
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from multirank import run_distributed
+from multirank import RankFailure, run_distributed
 
 from trainer import checkpoint as ckpt_mod
 from trainer.config import load_config
@@ -66,6 +67,30 @@ def imported_once():
 
         import trainer.export  # noqa: F401
         import trainer.universal  # noqa: F401
+
+
+# --------------------------------------------------------------------------------------
+# The harness itself
+# --------------------------------------------------------------------------------------
+
+
+def _rank_1_raises_then_rank_0_hangs(mode: str) -> int:
+    if mode == "raise" and get_rank() == 1:
+        raise ValueError("boom on rank 1")
+    if mode == "hang" and get_rank() == 0:
+        time.sleep(600)
+    barrier()
+    return get_rank()
+
+
+def test_harness_names_the_failing_rank_and_times_out_a_hung_one():
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 of 2.*ValueError: boom on rank 1"):
+        run_distributed(_rank_1_raises_then_rank_0_hangs, 2, "raise", timeout=60)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank 0 of 2.*\n.*hung: no result after 3 s"):
+        run_distributed(_rank_1_raises_then_rank_0_hangs, 2, "hang", timeout=3)
+    assert time.monotonic() - t0 < 30  # killed, not waited for
+    assert run_distributed(_rank_1_raises_then_rank_0_hangs, 2, "ok") == [0, 1]
 
 
 # --------------------------------------------------------------------------------------
@@ -508,5 +533,5 @@ def test_universal_checkpoint_loads_at_another_world_size(stage, tmp_path):
     assert one["next_loss"] == pytest.approx(mean_two, rel=1e-6)
     moved = max_diff(two[0]["next"], two[0]["saved"])
     gap = max_diff(one["next"], two[0]["next"])
-    assert moved > 1e-3 and gap < 1e-5, (moved, gap)
+    assert moved > 1e-3 and gap < 1e-6, (moved, gap)  # gap: ~1e-8, summation order
     assert json.loads((ckpt / "manifest.json").read_text())["world_size"] == 2
