@@ -136,6 +136,7 @@ def test_submit_trains_evaluates_and_checkpoints(tmp_path, cache_dir, jobs):
     log = log_text(run_dir, job)
     assert job_state(job) == "COMPLETED", diagnose(run_dir, job)()
     assert "SLURM_RESTART_COUNT=0" in log and "training step exited with code 0" in log, log[-3000:]
+    assert "device: CPU — this job has no GPU" in log, log[-3000:]  # said before srun
 
     r = results(run_dir)
     assert r["steps"] == 60 and r["world_size"] == 2 and r["params_in_sync"], r
@@ -150,6 +151,30 @@ def test_submit_trains_evaluates_and_checkpoints(tmp_path, cache_dir, jobs):
     assert env["env"]["job_id"] == job and env["env"]["master_port"] == 15000 + int(job) % 17000, (
         env["env"]
     )
+
+
+def test_job_that_needs_a_gpu_fails_fast_without_one(tmp_path, cache_dir, jobs):
+    """ZEROTUNE_REQUIRE_GPU=1 (exported to the job, as a GPU site would) on this CPU-only
+    Slurm: the batch script stops with exit 2 before srun starts any rank."""
+    run_dir = tmp_path / "run"
+    proc = zerotune(
+        ["submit", str(TINY), *CPU_JOB, "--run-dir", str(run_dir), "--job-name", "zt-test-gpu"],
+        cache_dir,
+        ZEROTUNE_REQUIRE_GPU="1",
+    )
+    check_ok(proc)
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    jobs.append(job)
+    wait_for(
+        f"job {job} to finish", lambda: job_state(job) in TERMINAL, 120, diagnose(run_dir, job)
+    )
+    log = log_text(run_dir, job)
+    assert job_state(job) == "FAILED" and job_info(job).get("ExitCode") == "2:0", diagnose(
+        run_dir, job
+    )()
+    assert "device: NO GPU" in log and "ZEROTUNE_REQUIRE_GPU=1" in log, log[-3000:]
+    assert "not starting the ranks" in log and "training step exited" not in log, log[-3000:]
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path, cache_dir, jobs):
