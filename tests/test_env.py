@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.env import detect_env, first_slurm_host, slurm_port
+from trainer.env import detect_env, first_slurm_host, slurm_port, tasks_on_node
 
 TORCHRUN = {
     "RANK": "3",
@@ -183,3 +183,27 @@ def test_slurm_port_is_deterministic_and_differs_between_jobs():
 def test_bad_integer_names_the_variable():
     with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
         detect_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "two"})
+
+
+@pytest.mark.parametrize(
+    "tasks, node, expect",
+    [
+        ("2(x4)", 3, 2),
+        ("8,4", 0, 8),
+        ("8,4", 1, 4),  # srun -n 12 on two 8-GPU nodes: the second node runs 4
+        ("2(x3),1", 3, 1),
+        ("2(x3),1", 2, 2),
+        ("4", 7, 4),  # a node id outside the list: the first count
+        ("", 0, None),
+        ("garbage", 0, None),
+    ],
+)
+def test_tasks_on_node(tasks, node, expect):
+    assert tasks_on_node(tasks, node) == expect
+
+
+def test_uneven_slurm_step_gives_each_node_its_local_world():
+    env = {**SLURM_STEP, "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "8,4"}
+    assert detect_env(env).local_world_size == 4
+    env["SLURM_NODEID"] = "0"
+    assert detect_env(env).local_world_size == 8

@@ -48,20 +48,15 @@ ONE_RANK_PER_GPU = (
 
 def device_index(local_rank: int, local_world_size: int, visible_gpus: int) -> int | None:
     """The CUDA index this rank uses, ``None`` for CPU; ConfigError when GPUs would be shared."""
-    if not 0 <= local_rank < max(local_world_size, 1):
-        raise ConfigError(
-            f"local rank {local_rank} is outside 0..{local_world_size - 1} (local world size {local_world_size}): "
-            "the launcher's LOCAL_RANK / LOCAL_WORLD_SIZE (or SLURM_LOCALID / SLURM_NTASKS_PER_NODE) disagree"
-        )
     if visible_gpus <= 0:
         return None
-    if visible_gpus >= local_world_size:
+    if visible_gpus >= local_world_size and local_rank < visible_gpus:
         return local_rank
     if visible_gpus == 1:
         return 0
     raise ConfigError(
-        f"local rank {local_rank} sees {visible_gpus} GPUs but {local_world_size} ranks run on this node: "
-        f"ranks would share GPUs. {ONE_RANK_PER_GPU}"
+        f"local rank {local_rank} sees {visible_gpus} GPUs but {max(local_world_size, local_rank + 1)} "
+        f"ranks run on this node: ranks would share GPUs. {ONE_RANK_PER_GPU}"
     )
 
 

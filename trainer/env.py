@@ -83,6 +83,23 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def tasks_on_node(tasks_per_node: str, node: int) -> int | None:
+    """Slurm's ``2(x3),1`` (tasks per node, compressed) → the count on ``node`` (0-based).
+
+    Uneven steps (``srun -n 12`` on two 8-GPU nodes: ``8,4``) give each node its own
+    count; the local world size matters for device binding (trainer/devices.py).
+    """
+    counts: list[int] = []
+    for part in filter(None, tasks_per_node.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not counts:
+        return None
+    return counts[node] if 0 <= node < len(counts) else counts[0]
+
+
 def slurm_port(job_id: str) -> int:
     """Deterministic per-job port so two jobs sharing a node never collide."""
     digits = re.sub(r"\D", "", job_id) or "0"
@@ -164,8 +181,7 @@ def detect_env(env: Mapping[str, str]) -> DistEnv:
         local_world = _int(env, "SLURM_NTASKS_PER_NODE", None)
         if local_world is None:
             tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
-            m = re.match(r"(\d+)", tasks)
-            local_world = int(m.group(1)) if m else world
+            local_world = tasks_on_node(tasks, _int(env, "SLURM_NODEID", 0)) or world
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         return DistEnv(
             launcher="slurm",
