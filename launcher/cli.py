@@ -74,10 +74,12 @@ def cmd_validate(args) -> int:
     )
     if pf.problems:
         return report_config_error(ConfigError(pf.problems))
+    pf.print_notes()
     p = pf.plan
     print(
         f"ok: {args.config or 'demo'} — task {pf.cfg.task}, engine {pf.cfg.engine}, ZeRO {pf.cfg.zero.stage}, {pf.cfg.precision}; "
-        f"world {pf.world_size} × micro {p.micro} × accum {p.accum} = global batch {p.global_batch}"
+        f"world {pf.world_size} × micro {p.micro} × accum {p.accum} = global batch {p.global_batch}; "
+        f"optimizer {pf.optimizer}"
         + (
             f"; {pf.train_rows} training rows ({pf.train_rows // p.global_batch} steps/epoch)"
             if pf.train_rows
@@ -105,6 +107,7 @@ def cmd_train(args) -> int:
     pf = check(args.config, args.overrides, args.nproc_per_node)
     if pf.problems:
         return report_config_error(ConfigError(pf.problems))
+    pf.print_notes()
     return spawn(
         args.config,
         args.overrides,

@@ -7,13 +7,17 @@ half-written a run directory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, field
 
 import torch
 
 from trainer.batch import BatchPlan, resolve_batch
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.deepspeed_config import build_deepspeed_config
+from trainer.devices import accelerator_warning, backend_problem, too_many_ranks_problem
+from trainer.ops import detect_build_env, optimizer_plan, remote
 
 
 @dataclass
@@ -24,10 +28,16 @@ class Preflight:
     plan: BatchPlan | None
     train_rows: int | None
     problems: list[str]
+    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong (e.g. slow optimizer)
+    optimizer: str = ""  # which AdamW the ranks will build (trainer/ops.py)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def print_notes(self) -> None:
+        for note in self.notes:
+            print(f"zerotune: note: {note}", file=sys.stderr)
 
 
 def gpu_count() -> int:
@@ -72,10 +82,26 @@ def check(
     world = n * nnodes
     problems: list[str] = []
     gpus = gpu_count() if job_gpus is None else job_gpus
-    if gpus and n > gpus:
-        problems.append(
-            f"--nproc-per-node={n} but {'this machine has' if job_gpus is None else 'the job asks for'} {gpus} GPU(s): use at most {gpus} (one rank per GPU)"
-        )
+    # Every rank a launcher starts here (or srun starts on a node of the job) sees the same
+    # GPUs: more ranks than GPUs would share them (trainer/devices.py has the rank's rule).
+    problems += filter(
+        None,
+        [
+            too_many_ranks_problem(
+                n, gpus, "this machine has" if job_gpus is None else "the job asks for"
+            ),
+            backend_problem(cfg.launch.backend, on_gpu=bool(gpus)),
+        ],
+    )
+    # DeepSpeed ops: pre-built or not is a fact of this install; for a job elsewhere the
+    # compute nodes' compilers are unknown here, so only what is certain is refused.
+    build = detect_build_env() if job_gpus is None else remote(detect_build_env())
+    optimizer = optimizer_plan(cfg, bool(gpus), build)
+    if optimizer.problem:
+        problems.append(optimizer.problem)
+    notes = [optimizer.note] if optimizer.note else []
+    if job_gpus is None:  # the ranks inherit this environment
+        notes += filter(None, [accelerator_warning(os.environ, bool(gpus))])
     if cfg.precision == "fp16" and not gpus:
         problems.append(
             "precision='fp16' is not supported on this device (cpu): use precision=bf16 (or fp32), e.g. --set precision=bf16"
@@ -84,7 +110,7 @@ def check(
     try:
         plan = resolve_batch(cfg, world)
         if cfg.engine == "deepspeed":
-            build_deepspeed_config(cfg, plan, on_gpu=bool(gpus))
+            build_deepspeed_config(cfg, plan, on_gpu=bool(gpus), build=build)
     except ConfigError as e:
         problems.extend(e.problems)
     train_rows = None
@@ -104,33 +130,31 @@ def check(
         nproc_per_node=n,
         plan=plan,
         train_rows=train_rows,
-        problems=problems,
+        problems=list(dict.fromkeys(problems)),  # the optimizer's problem may come twice
+        notes=notes,
+        optimizer=optimizer.description,
     )
 
 
 def _check_data(cfg: RunConfig) -> int:
     from trainer.data import check_splits, load_raw_splits
-    from trainer.tasks import build_tokenizer, is_builtin, model_num_labels
+    from trainer.models import build_tokenizer, builtin_problem, is_builtin
+    from trainer.tasks import build_task
 
+    task = build_task(cfg)
     problems: list[str] = []
     num_labels = None
     try:
-        num_labels = model_num_labels(cfg)
+        num_labels = task.model_num_labels(cfg)
     except ConfigError as e:
         problems.extend(e.problems)
     if not is_builtin(cfg.model.tokenizer or cfg.model.name_or_path):
         try:
-            build_tokenizer(cfg)
+            build_tokenizer(cfg, task)
         except ConfigError as e:
             problems.extend(e.problems)
-    elif is_builtin(cfg.model.name_or_path):
-        from trainer.tasks import BUILTIN_MODELS
-
-        name = cfg.model.name_or_path.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            problems.append(
-                f"model.name_or_path={cfg.model.name_or_path!r}: unknown builtin model; choose one of {sorted(BUILTIN_MODELS)}"
-            )
+    elif is_builtin(cfg.model.name_or_path) and builtin_problem(cfg.model.name_or_path):
+        problems.append(builtin_problem(cfg.model.name_or_path))
     splits = None
     try:
         splits = load_raw_splits(cfg)

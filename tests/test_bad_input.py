@@ -136,3 +136,100 @@ def test_real_cli_process_exit_code_and_rank_entry_point(tmp_path):
         timeout=120,
     )
     assert p.returncode == 0 and "global batch 64" in p.stdout
+
+
+# Pre-flight on a GPU machine, faked: ``launcher.preflight.gpu_count`` says how many GPUs
+# this machine has (the only thing that cannot run here), and ``detect_build_env`` describes
+# a DeepSpeed install / CUDA toolkit (trainer/ops.py). Nothing spawns: each case is refused.
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    import launcher.preflight as preflight
+
+    def fake(n: int, build=None):
+        monkeypatch.setattr(preflight, "gpu_count", lambda: n)
+        if build is not None:
+            monkeypatch.setattr(preflight, "detect_build_env", lambda: build)
+
+    return fake
+
+
+def test_more_ranks_than_gpus_refused_before_spawn(capsys, tmp_path, fake_gpus):
+    """Faked: 2 GPUs on this machine, 4 ranks asked for."""
+    fake_gpus(2)
+    rc, err, run_dir = run_cli(capsys, tmp_path, nproc="4")
+    assert rc == 2 and not run_dir.exists()
+    assert "--nproc-per-node=4 but this machine has 2 GPU(s): use at most 2" in err
+
+
+def test_gloo_on_gpu_refused_before_spawn(capsys, tmp_path, fake_gpus):
+    """Faked: 2 GPUs on this machine."""
+    fake_gpus(2)
+    rc, err, run_dir = run_cli(capsys, tmp_path, "launch.backend=gloo")
+    assert rc == 2 and not run_dir.exists()
+    assert "launch.backend='gloo' on GPU" in err and "nccl" in err
+
+
+def test_nccl_on_cpu_refused_before_spawn(capsys, tmp_path):
+    rc, err, run_dir = run_cli(capsys, tmp_path, "launch.backend=nccl")
+    assert rc == 2 and not run_dir.exists()
+    assert "launch.backend='nccl' without a GPU" in err
+
+
+def test_jit_build_without_cuda_compiler_refused_with_the_fix(capsys, tmp_path, fake_gpus):
+    """Faked: 2 GPUs and a pip-installed DeepSpeed without pre-built ops or CUDA toolkit."""
+    from trainer.ops import BuildEnv
+
+    fake_gpus(
+        2,
+        BuildEnv(
+            deepspeed="0.19.8",
+            install_accelerator="cuda",
+            prebuilt={"fused_adam": False},
+            torch_cuda="12.4",
+            cxx="/usr/bin/c++",
+            ninja=True,
+        ),
+    )
+    rc, err, run_dir = run_cli(capsys, tmp_path, "train.optimizer_impl=deepspeed")
+    assert rc == 2 and not run_dir.exists()
+    assert err.count("DeepSpeed's FusedAdam") == 1  # once, though two checks find it
+    assert "no nvcc on PATH" in err
+    assert "set train.optimizer_impl=torch" in err and "DS_BUILD_FUSED_ADAM=1" in err
+
+
+def test_slow_offload_optimizer_is_noted(capsys, fake_gpus):
+    """Faked: 1 GPU, DeepSpeed without a pre-built cpu_adam. ``validate`` says why it is slow."""
+    from trainer.ops import BuildEnv
+
+    fake_gpus(1, BuildEnv(deepspeed="0.19.8", install_accelerator="cuda", ninja=True))
+    rc = main(
+        [
+            "validate",
+            str(TINY),
+            "--no-data",
+            "--nproc-per-node",
+            "1",
+            "--set",
+            "zero.offload_optimizer=true",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "zerotune: note: zero.offload_*: torch AdamW steps the CPU shards" in out.err
+    assert "DS_BUILD_CPU_ADAM=1" in out.err
+    assert out.out.rstrip().endswith("optimizer torch AdamW")  # not fused: CPU shards
+
+
+def test_default_gpu_optimizer_is_named(capsys, fake_gpus):
+    """Faked: 1 GPU. The default needs no build: torch's fused AdamW."""
+    fake_gpus(1)
+    assert main(["validate", str(TINY), "--no-data", "--nproc-per-node", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("optimizer torch AdamW (fused)")
+
+
+def test_inherited_ds_accelerator_is_noted_before_spawn(capsys, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert main(["validate", str(TINY), "--no-data"]) == 0
+    assert "zerotune: note: DS_ACCELERATOR=cuda is set" in capsys.readouterr().err

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from multirank import run_distributed
 
 from trainer import checkpoint as ck
 from trainer.config import load_config
@@ -109,3 +111,205 @@ def test_rng_state_round_trips_through_json(tmp_path):
     ck.set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+class FakeCuda:
+    """Stands in for ``torch.cuda`` on a CPU machine: ``devices`` visible GPUs, the current
+    one ``current``, each with its own generator state (bytes), and a log of what was set."""
+
+    def __init__(self, devices: int, current: int):
+        self.devices, self.current, self.set = devices, current, []
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.devices)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(
+            torch.cuda, "get_rng_state", lambda device="cuda": self.state(self.current)
+        )
+        monkeypatch.setattr(
+            torch.cuda, "get_rng_state_all", lambda: [self.state(i) for i in range(self.devices)]
+        )
+        monkeypatch.setattr(
+            torch.cuda, "set_rng_state", lambda s, device="cuda": self.set.append(s)
+        )
+
+    @staticmethod
+    def state(i: int) -> torch.Tensor:
+        return torch.full((16,), i + 1, dtype=torch.uint8)
+
+
+def test_cuda_rng_is_the_current_devices_only(monkeypatch):
+    """CUDA is faked: 4 visible GPUs, this rank on GPU 2. The saved state holds GPU 2's
+    generator alone, and a resume where one GPU is visible (index 0) restores it."""
+    FakeCuda(devices=4, current=2).install(monkeypatch)
+    state = json.loads(json.dumps(ck.rng_state()))
+    assert isinstance(state["cuda"], str)
+    one_gpu = FakeCuda(devices=1, current=0)
+    one_gpu.install(monkeypatch)
+    ck.set_rng_state(state)
+    assert len(one_gpu.set) == 1 and torch.equal(one_gpu.set[0], FakeCuda.state(2))
+
+
+@pytest.mark.parametrize("current, restored", [(1, 1), (3, None)])
+def test_old_checkpoints_cuda_list_is_read_without_index_error(monkeypatch, current, restored):
+    """CUDA is faked. Checkpoints before this change saved every visible GPU's state (here 2);
+    a rank takes its current device's entry, and one beyond the list is left alone instead of
+    raising IndexError (the old ``set_rng_state_all`` on fewer or more GPUs)."""
+    FakeCuda(devices=2, current=0).install(monkeypatch)
+    state = json.loads(json.dumps(ck.rng_state()))
+    state["cuda"] = [ck._b64(FakeCuda.state(i)) for i in range(2)]
+    fake = FakeCuda(devices=4, current=current)
+    fake.install(monkeypatch)
+    ck.set_rng_state(state)
+    if restored is None:
+        assert fake.set == []
+    else:
+        assert len(fake.set) == 1 and torch.equal(fake.set[0], FakeCuda.state(restored))
+
+
+def test_file_owners_are_the_writers():
+    names = [
+        "hf/config.json",
+        "rng/rank_00000.json",
+        "rng/rank_00001.json",
+        "rng/rank_00002.json",
+        "trainer_state.json",
+        "zero/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "zero/mp_rank_00_model_states.pt",
+        "zero/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "zero/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "zero/zero_pp_rank_7_mp_rank_00_optim_states.pt",  # a rank this world lacks: rank 0
+    ]
+    assert ck.file_owners(names, 3) == [0, 0, 1, 2, 0, 2, 0, 1, 1, 0]
+    assert ck.file_owners(names, 1) == [0] * len(names)
+
+
+def test_describe_file_matches_sha256(tmp_path):
+    f = tmp_path / "shard.pt"
+    f.write_bytes(bytes(range(256)) * 5000)
+    assert ck.describe_file(f, chunk=1000) == {"size": 256 * 5000, "sha256": sha256_file(f)}
+
+
+# --------------------------------------------------------------------------------------
+# Saving on several ranks (in-process gloo ranks, tests/multirank.py)
+# --------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes what DeepSpeed's ZeRO-2 save writes: each rank its optimizer shard (rank r:
+    r+1 KB), rank 0 also the model states."""
+
+    def save(self, directory):
+        from trainer.distributed import get_rank
+
+        rank = get_rank()
+        zero = Path(directory) / "zero"
+        zero.mkdir(exist_ok=True)
+        shard = zero / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        shard.write_bytes(bytes([rank]) * 1024 * (rank + 1))
+        if rank == 0:
+            (zero / "mp_rank_00_model_states.pt").write_bytes(b"m" * 500)
+
+
+def _save_on_ranks(run_dir: str) -> dict:
+    from trainer.distributed import get_rank
+
+    described = []
+    original = ck.describe_file
+
+    def spy(path, *args, **kwargs):
+        described.append(str(path))
+        return original(path, *args, **kwargs)
+
+    ck.describe_file = spy
+    mgr = ck.CheckpointManager(Path(run_dir), load_config(None, []), {})
+    stats = mgr.save(5, ShardWriter(), {"epoch": 0, "samples_seen": 10}, metric=None)
+    final = Path(run_dir) / "checkpoints" / "step_00000005"
+    tmp_name = "step_00000005.tmp"
+    return {
+        "described": sorted(str(p).split(tmp_name + "/", 1)[1] for p in described),
+        "size_mb": stats["size_mb"],
+        "problems": ck.verify(final) if get_rank() == 0 else None,
+        "files": ck.read_manifest(final)["files"] if get_rank() == 0 else None,
+    }
+
+
+def test_each_rank_hashes_the_files_it_wrote_and_rank_0_writes_the_manifest(tmp_path):
+    out = run_distributed(_save_on_ranks, 3, str(tmp_path), timeout=60)
+    files = out[0]["files"]
+    assert out[0]["problems"] == []  # sizes and sha256 of every file check out
+    assert out[1]["described"] == [
+        "rng/rank_00001.json",
+        "zero/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert out[2]["described"] == [
+        "rng/rank_00002.json",
+        "zero/zero_pp_rank_2_mp_rank_00_optim_states.pt",
+    ]
+    assert out[0]["described"] == [
+        "rng/rank_00000.json",
+        "trainer_state.json",
+        "zero/mp_rank_00_model_states.pt",
+        "zero/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
+    # every file described once, by one rank; the manifest lists them all in path order
+    assert sorted(sum((r["described"] for r in out), [])) == list(files) == sorted(files)
+    assert files["zero/zero_pp_rank_2_mp_rank_00_optim_states.pt"]["size"] == 3 * 1024
+    total = sum(m["size"] for m in files.values()) / 2**20
+    assert [r["size_mb"] for r in out] == [total] * 3  # no broadcast needed: all ranks know it
+
+
+def _rank0_work(fail: bool):
+    from trainer.distributed import get_rank, run_on_rank0
+
+    ran = []
+
+    def work(x):
+        ran.append(get_rank())
+        if fail:
+            raise ck.CheckpointError(f"step_{x}: checksum mismatch")
+        return {"converted": x}
+
+    try:
+        return {"result": run_on_rank0(work, 7), "ran": ran}
+    except ck.CheckpointError as e:
+        return {"error": str(e), "ran": ran}
+
+
+def test_run_on_rank0_returns_its_result_everywhere_and_its_error_on_every_rank():
+    ok = run_distributed(_rank0_work, 2, False, timeout=60)
+    assert ok == [{"result": {"converted": 7}, "ran": [0]}, {"result": {"converted": 7}, "ran": []}]
+    failed = run_distributed(_rank0_work, 2, True, timeout=60)
+    # rank 1 raises rank 0's CheckpointError instead of waiting in a collective for a timeout
+    assert [r.get("error") for r in failed] == ["step_7: checksum mismatch"] * 2
+
+
+def _long_waits_on_a_side_group() -> dict:
+    import torch.distributed as dist
+
+    from trainer import distributed as d
+
+    real = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl" if group is None else real(group)  # fake NCCL
+    d.init_long_group()
+    group = d.long_group()
+    d.barrier(long=True)
+    got = d.broadcast_object("from 0" if d.get_rank() == 0 else None, long=True)
+    gathered = d.all_gather_object(d.get_rank(), long=True)
+    return {
+        "side": group is not None and group is not dist.group.WORLD,
+        "backend": real(group) if group is not None else None,
+        "cached": d.long_group() is group,
+        "got": got,
+        "gathered": gathered,
+    }
+
+
+def test_long_waits_use_a_gloo_side_group_when_the_main_backend_is_not_gloo():
+    """The main backend is faked as NCCL (CPU has none): a separate gloo group is made once
+    and the long barrier / broadcast / gather run on it. On gloo the default group serves."""
+    out = run_distributed(_long_waits_on_a_side_group, 2, timeout=60)
+    for r in out:
+        assert r["side"] and r["backend"] == "gloo" and r["cached"]
+        assert r["got"] == "from 0" and r["gathered"] == [0, 1]

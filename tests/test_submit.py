@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from launcher.cli import main
-from launcher.submit import JobSpec, render, template_path
+from launcher.submit import JobSpec, render, template_path, time_limit_seconds
 
 from conftest import ROOT, TINY, base_env, zerotune
 
@@ -167,8 +167,21 @@ def test_nproc_required_without_gpus(tmp_path, submit):
         (["--time", "tomorrow"], "--time='tomorrow'"),
         (["--sbatch-arg=-N 2"], "long option"),
         (["--job-name", "a\nb"], "newlines"),
+        (["--signal-lead", "0"], "--signal-lead=0: expected 1..65535 seconds"),
+        (["--signal-lead", "70000"], "--signal-lead=70000"),
+        (["--signal-lead", "600", "--time", "10"], "not shorter than --time=10 (600 s)"),
     ],
-    ids=["bad-value", "batch-arithmetic", "unknown-key", "bad-time", "short-sbatch-arg", "newline"],
+    ids=[
+        "bad-value",
+        "batch-arithmetic",
+        "unknown-key",
+        "bad-time",
+        "short-sbatch-arg",
+        "newline",
+        "lead-zero",
+        "lead-too-long",
+        "lead-beyond-time",
+    ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, submit, extra, message):
     run_dir = tmp_path / "run"
@@ -246,3 +259,43 @@ def test_values_are_shell_quoted(tmp_path):
             template_path().read_text(),
             JobSpec(tmp_path / "a\nb", tmp_path, sys.executable, {}, "c.yaml"),
         )
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        ("10", 600),
+        ("10:30", 630),
+        ("1:00:00", 3600),
+        ("2-0", 172800),
+        ("1-2:03", 93780),
+        ("1-02:03:04", 93784),
+        ("unlimited", None),
+    ],
+)
+def test_time_limit_seconds(value, seconds):
+    """Slurm's --time formats, for the check that the USR1 lead fits inside the time limit."""
+    assert time_limit_seconds(value) == seconds
+
+
+def test_signal_lead_is_rendered(tmp_path, submit):
+    run_dir = tmp_path / "r"
+    code, _, err = submit(
+        str(TINY),
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--time",
+        "1-00:00:00",
+        "--signal-lead",
+        "900",
+        "--dry-run",
+    )
+    assert code == 0, err
+    script = (run_dir / "submit.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@900\n" in script and "USR1@120" not in script
+    # the template's own default is the documented 120 s
+    assert "#SBATCH --signal=B:USR1@120\n" in template_path().read_text()

@@ -18,9 +18,11 @@ loaded, and ``latest`` moves only after the rename.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,8 +33,15 @@ import torch
 
 from . import faults
 from .config import RunConfig
-from .distributed import barrier, broadcast_object, get_rank, get_world_size
-from .files import fsync_dir, fsync_tree, sha256_file, write_json_atomic
+from .distributed import (
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    run_on_rank0,
+)
+from .files import fsync_dir, sha256_file, write_json_atomic
 from .process import versions
 
 MANIFEST = "manifest.json"
@@ -72,7 +81,9 @@ def rng_state() -> dict[str, Any]:
         "torch": _b64(torch.get_rng_state()),
     }
     if torch.cuda.is_available():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        # the current device's only: a rank draws on its own GPU, and a resume that sees
+        # fewer GPUs (one bound per task) must not need the others'
+        out["cuda"] = _b64(torch.cuda.get_rng_state())
     return out
 
 
@@ -82,8 +93,13 @@ def set_rng_state(s: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_unb64(s["torch"]))
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(x) for x in s["cuda"]])
+    cuda = s.get("cuda")
+    if isinstance(cuda, list):
+        # older checkpoints hold every visible GPU's state; this rank drew on its current one
+        i = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = cuda[i] if i < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(cuda))
 
 
 def list_files(root: Path, exclude: tuple[str, ...] = (MANIFEST, "universal")) -> list[Path]:
@@ -93,6 +109,41 @@ def list_files(root: Path, exclude: tuple[str, ...] = (MANIFEST, "universal")) -
         if p.is_file() and rel.parts[0] not in exclude:
             out.append(p)
     return out
+
+
+_WRITER = (re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"^rank_(\d+)\.json$"))
+
+
+def file_owners(names: list[str], world: int) -> list[int]:
+    """The rank that fsyncs and hashes each file of a checkpoint: the one that wrote it.
+
+    DeepSpeed names a rank's shards ``[bf16_]zero_pp_rank_R_…`` and zerotune its RNG files
+    ``rng/rank_R.json``; everything else (the ZeRO-0/1/2 model states, trainer state, ``hf/``,
+    ``ddp/``) is written by rank 0. The rule only spreads the work: every file is described
+    exactly once whatever its name, so a new layout can make rank 0 slower, never wrong.
+    """
+    out = []
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        owner = 0
+        for pattern in _WRITER:
+            m = pattern.search(base)
+            if m and int(m.group(1)) < world:
+                owner = int(m.group(1))
+                break
+        out.append(owner)
+    return out
+
+
+def describe_file(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
+    """fsync a file and return its manifest entry (size, sha256), reading it once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+        os.fsync(f.fileno())
+        size = os.fstat(f.fileno()).st_size
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 def verify(ckpt: Path, level: str = "checksum") -> list[str]:
@@ -187,13 +238,24 @@ class CheckpointManager:
         self.rank = get_rank()
         self.world = get_world_size()
         self.hf_writer = None  # writes model config + tokenizer into a checkpoint (rank 0)
+        self.last_saved: int | None = None  # the newest step on disk (saved, or resumed from)
+
+    def should_save(self, step: int, last: bool, preempted: bool = False) -> bool:
+        """A periodic or preemption save during training; the last step is saved by the
+        finish (``needs_final_save``) after its final evaluation, so it carries the metric."""
+        due = bool(self.cfg.checkpoint.every_steps) and step % self.cfg.checkpoint.every_steps == 0
+        return (due or preempted) and not last
+
+    def needs_final_save(self, step: int) -> bool:
+        """False when ``step`` is already on disk (a finished run resumed: nothing to re-save)."""
+        return self.last_saved != step
 
     def clean_stale(self) -> None:
         """Leftover ``.tmp`` folders from a crash are never loaded; remove them at start."""
         if self.rank == 0 and self.root.is_dir():
             for p in self.root.glob("*.tmp"):
                 shutil.rmtree(p, ignore_errors=True)
-        barrier()
+        barrier(long=True)
 
     def save(
         self, step: int, engine, trainer_state: dict[str, Any], metric: float | None
@@ -204,7 +266,7 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
-        barrier()
+        barrier(long=True)
         engine.save(tmp)
         write_json_atomic(tmp / "rng" / f"rank_{self.rank:05d}.json", rng_state())
         if self.rank == 0:
@@ -212,17 +274,24 @@ class CheckpointManager:
             if self.hf_writer is not None:
                 self.hf_writer(tmp / "hf")
         faults.maybe_fail("save", step)
-        barrier()
-        size = 0
+        # Every rank makes the files it wrote durable and hashes them, in parallel; rank 0
+        # only assembles the manifest. The waits use the long (gloo) group: they last as
+        # long as the largest shard takes to hash, whatever the NCCL timeout.
+        barrier(long=True)
+        names = broadcast_object(
+            [str(p.relative_to(tmp)) for p in list_files(tmp)] if self.rank == 0 else None,
+            long=True,
+        )
+        owners = file_owners(names, self.world)
+        mine = {n: describe_file(tmp / n) for n, o in zip(names, owners) if o == self.rank}
+        described: dict[str, Any] = {}
+        for part in all_gather_object(mine, long=True):
+            described.update(part)
+        files = {n: described[n] for n in names}  # the manifest lists them in path order
+        size = sum(m["size"] for m in files.values())
         if self.rank == 0:
-            fsync_tree(tmp)
-            files = {}
-            for p in list_files(tmp):
-                files[str(p.relative_to(tmp))] = {
-                    "size": p.stat().st_size,
-                    "sha256": sha256_file(p),
-                }
-                size += p.stat().st_size
+            for dirpath, _, _ in os.walk(tmp):  # the entries every rank created
+                fsync_dir(Path(dirpath))
             name, _ = self.cfg.eval_metric()
             manifest = {
                 "format": FORMAT_VERSION,
@@ -252,10 +321,11 @@ class CheckpointManager:
             os.replace(self.root / (LATEST + ".tmp"), latest)
             fsync_dir(self.root)
             self.apply_retention(protect=final)
-        barrier()
+        barrier(long=True)  # rank 0's commit and retention (deleting old checkpoints) are done
+        self.last_saved = step
         return {
             "save_seconds": time.perf_counter() - t0,
-            "size_mb": broadcast_object(size) / 2**20,
+            "size_mb": size / 2**20,
             "step": step,
         }
 
@@ -316,9 +386,12 @@ def ensure_universal(ckpt: Path) -> Path:
     from .universal import convert_to_universal
 
     out = ckpt / "universal"
-    if get_rank() == 0 and not (out / "DONE").exists():
-        convert_to_universal(ckpt, out)
-    barrier()
+
+    def convert() -> None:
+        if not (out / "DONE").exists():
+            convert_to_universal(ckpt, out)
+
+    run_on_rank0(convert)  # the others wait on the long group: conversion takes minutes at scale
     if not (out / "DONE").exists():
         raise CheckpointError(f"universal conversion of {ckpt} did not complete")
     return out

@@ -15,20 +15,29 @@ from typing import Any
 from .batch import BatchPlan
 from .batch import resolve_batch as resolve_batch  # TEMPORARY: loop.py imports it from here
 from .config import ConfigError, RunConfig
+from .ops import BuildEnv, detect_build_env, optimizer_plan
 
 _MISSING = object()
 
 
-def use_deepspeed_optimizer(cfg: RunConfig, on_gpu: bool) -> bool:
-    if cfg.train.optimizer_impl == "auto":
-        return on_gpu
-    return cfg.train.optimizer_impl == "deepspeed"
+def use_deepspeed_optimizer(cfg: RunConfig, on_gpu: bool, build: BuildEnv | None = None) -> bool:
+    """DeepSpeed's optimizer only when asked for, or (offload, auto) when its op is pre-built;
+    otherwise torch's AdamW, fused on GPU: the default path never JIT-compiles (trainer/ops.py)."""
+    return optimizer_plan(cfg, on_gpu, build or detect_build_env()).deepspeed
 
 
 def generate(
-    cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False
+    cfg: RunConfig,
+    plan: BatchPlan,
+    on_gpu: bool,
+    load_universal: bool = False,
+    build: BuildEnv | None = None,
 ) -> dict[str, Any]:
+    """Raises ConfigError when the optimizer would need a JIT build that cannot succeed here."""
     t = cfg.train
+    opt = optimizer_plan(cfg, on_gpu, build or detect_build_env())
+    if opt.problem:
+        raise ConfigError(opt.problem)
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
     if cfg.zero.stage >= 1:
         zero["offload_optimizer"] = {
@@ -62,7 +71,13 @@ def generate(
         "zero_force_ds_cpu_optimizer": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    if use_deepspeed_optimizer(cfg, on_gpu):
+    if cfg.precision == "bf16" and cfg.zero.stage >= 1:
+        # bf16 gradients summed over micro-batches in bf16 lose the small contributions.
+        # DeepSpeed 0.19 accumulates in fp32 at ZeRO-1 (its BF16_Optimizer: fp32 gradients of
+        # the whole model on every rank), ZeRO-2 and 3 (fp32 gradient partitions); at ZeRO-0
+        # it refuses the mix ("unsupported mix of model_dtype and grad_accum_dtype").
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if opt.deepspeed:
         ds["optimizer"] = {
             "type": "AdamW",
             "params": {
@@ -170,9 +185,13 @@ def _yaml_value(cfg: RunConfig, owner: str) -> Any:
 
 
 def build_deepspeed_config(
-    cfg: RunConfig, plan: BatchPlan, on_gpu: bool, load_universal: bool = False
+    cfg: RunConfig,
+    plan: BatchPlan,
+    on_gpu: bool,
+    load_universal: bool = False,
+    build: BuildEnv | None = None,
 ) -> dict[str, Any]:
-    generated = generate(cfg, plan, on_gpu, load_universal)
+    generated = generate(cfg, plan, on_gpu, load_universal, build)
     if not cfg.deepspeed_config:
         return generated
     path = Path(cfg.deepspeed_config)
@@ -186,4 +205,28 @@ def build_deepspeed_config(
         ) from None
     merged = merge_user_config(user, generated, str(path), cfg)
     merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": load_universal}
+    _check_user_optimizer(merged, generated, cfg, on_gpu, build, path)
     return merged
+
+
+def _check_user_optimizer(
+    merged: dict, generated: dict, cfg: RunConfig, on_gpu: bool, build: BuildEnv | None, path: Path
+) -> None:
+    """A JSON ``"optimizer": {"type": "AdamW"}`` makes DeepSpeed load FusedAdam / CPUAdam
+    exactly as ``train.optimizer_impl=deepspeed`` would: the same JIT-build check."""
+    opt = merged.get("optimizer")
+    if not isinstance(opt, dict) or "optimizer" in generated:
+        return
+    if str(opt.get("type", "")).lower() not in {"adam", "adamw"} or (opt.get("params") or {}).get(
+        "torch_adam"
+    ):
+        return
+    forced = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"optimizer_impl": "deepspeed"})}
+    )
+    problem = optimizer_plan(forced, on_gpu, build or detect_build_env()).problem
+    if problem:
+        raise ConfigError(
+            f'{path}: its "optimizer" section makes DeepSpeed build its own Adam '
+            f"(as train.optimizer_impl=deepspeed would): {problem}"
+        )

@@ -8,41 +8,85 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 import socket
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .env import MASTER_ADDR, MASTER_PORT, DistEnv
+from .config import ConfigError
+from .devices import (
+    DS_ACCELERATOR,
+    accelerator_warning,
+    backend_for_device,
+    deepspeed_rank_vars,
+    device_index,
+    shared_gpu_problem,
+)
+from .env import MASTER_ADDR, MASTER_PORT, DistEnv, detect_env
+
+# Waits on one rank's long work (checkpoint hashing and commit, universal conversion,
+# tokenisation, resume verification) run on a gloo side group with this timeout instead of
+# the NCCL group's launch.timeout_minutes: they take as long as the files are large, and an
+# NCCL collective that times out kills the job.
+LONG_WAIT_TIMEOUT = datetime.timedelta(hours=6)
+_long_group: Any = None  # the side group; None: the default group serves (gloo, or no group)
+
+
+def visible_gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """The one binding rule (``trainer.devices.device_index``); ConfigError if GPUs would be shared."""
+    index = device_index(env.local_rank, env.local_world_size, visible_gpu_count())
+    return torch.device("cpu") if index is None else torch.device("cuda", index)
 
 
 def backend_for(device: torch.device, requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    return "nccl" if device.type == "cuda" else "gloo"
+    """nccl on GPU, gloo on CPU; ConfigError for gloo on GPU or nccl on CPU."""
+    return backend_for_device(device.type == "cuda", requested)
 
 
-def configure_cpu_deepspeed() -> None:
-    """Keep DeepSpeed from JIT-compiling on CPU: the accelerator, shm-comm op and caches."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+_warned: set[str] = set()
+
+
+def configure_cpu_deepspeed(device: torch.device | None = None) -> None:
+    """Keep DeepSpeed from JIT-compiling on CPU (the accelerator, shm-comm op, caches), and
+    warn when an inherited ``DS_ACCELERATOR`` contradicts the device (once, on rank 0)."""
+    on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    warning = accelerator_warning(os.environ, on_gpu)
+    if warning and warning not in _warned and _is_rank0():
+        _warned.add(warning)
+        print(f"zerotune: warning: {warning}", file=sys.stderr, flush=True)
+    if not on_gpu:
+        os.environ.setdefault(DS_ACCELERATOR, "cpu")
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR",
         os.path.join(os.path.expanduser("~"), ".cache", "zerotune", "torch_extensions"),
     )
     try:
+        # imported before the process group exists (after a gloo group, its import lets the
+        # process abort at exit now and then: "terminate called without an active exception")
         import deepspeed.ops
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # the shm-comm op serves the CPU accelerator only (and reading the table probes every op)
+        if not on_gpu:
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     except Exception:  # pragma: no cover - deepspeed missing or layout changed
         pass
+
+
+def _is_rank0() -> bool:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    try:
+        return detect_env(os.environ).rank == 0
+    except ValueError:
+        return True
 
 
 def free_port() -> int:
@@ -76,8 +120,12 @@ def _agree_master_over_mpi(env: DistEnv) -> tuple[str, int]:
     return agreed
 
 
-def export_env(env: DistEnv) -> DistEnv:
-    """Make the torch ``env://`` variables match ``env``; agree a master if needed."""
+def export_env(env: DistEnv, device: torch.device | None = None) -> DistEnv:
+    """Make the torch ``env://`` variables match ``env``; agree a master if needed.
+
+    ``LOCAL_RANK`` becomes the index of ``device`` (DeepSpeed's GPU index, see
+    ``trainer.devices``); ``env.local_rank`` keeps the rank's place on its node.
+    """
     addr, port = env.master_addr, env.master_port
     if env.launcher == "mpi" and (addr is None or port is None):
         addr, port = _agree_master_over_mpi(env)
@@ -88,7 +136,11 @@ def export_env(env: DistEnv) -> DistEnv:
     os.environ.update(
         {
             "RANK": str(env.rank),
-            "LOCAL_RANK": str(env.local_rank),
+            **deepspeed_rank_vars(
+                env,
+                device.index if device is not None and device.type == "cuda" else None,
+                os.environ,
+            ),
             "WORLD_SIZE": str(env.world_size),
             "LOCAL_WORLD_SIZE": str(env.local_world_size),
             MASTER_ADDR: addr,
@@ -101,22 +153,69 @@ def export_env(env: DistEnv) -> DistEnv:
 def init_distributed(
     env: DistEnv, backend: str = "auto", timeout_minutes: int = 30
 ) -> tuple[DistEnv, torch.device]:
-    env = export_env(env)
+    """Bind the device, export what torch and DeepSpeed read, init the group, check the binding.
+
+    Raises ConfigError (before any collective) when the device rule or the backend refuse,
+    and on every rank (after one all-gather on the gloo side group) when two ranks share a GPU.
+    """
     device = device_for(env)
+    backend_name = backend_for(device, backend)
+    env = export_env(env, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend_for(device, backend),
+            backend=backend_name,
             init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    init_long_group()
+    check_device_binding(env, device)
     return env, device
 
 
+def device_record(env: DistEnv, device: torch.device) -> dict[str, Any]:
+    """What ``shared_gpu_problem`` compares: the physical GPU (UUID) behind this rank's index."""
+    uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+    return {"rank": env.rank, "host": socket.gethostname(), "device": str(device), "uuid": uuid}
+
+
+def check_device_binding(env: DistEnv, device: torch.device) -> None:
+    """Every rank raises the same ConfigError if two ranks on a host use the same GPU.
+
+    Gathered over the gloo side group: NCCL itself fails on a duplicate GPU ("Duplicate GPU
+    detected") at its first collective, before this check could say what to change.
+    """
+    if get_world_size() == 1:
+        return
+    problem = shared_gpu_problem(all_gather_object(device_record(env, device), long=True))
+    if problem:
+        raise ConfigError(problem)
+
+
+def init_long_group(timeout: datetime.timedelta = LONG_WAIT_TIMEOUT) -> None:
+    """Create the gloo side group for long waits (collective: every rank calls it once).
+
+    Only when the main backend is not gloo (on gloo the default group already waits on the
+    CPU). Called by ``init_distributed``; ``long_group`` calls it lazily for groups made
+    elsewhere (tests), which is safe because every rank reaches a long wait at the same point.
+    """
+    global _long_group
+    if _long_group is None and get_world_size() > 1 and dist.get_backend() != "gloo":
+        _long_group = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def long_group() -> Any:
+    """The group for waits that may outlast the collective timeout (None: the default group)."""
+    init_long_group()
+    return _long_group
+
+
 def destroy() -> None:
+    global _long_group
+    _long_group = None
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
@@ -130,25 +229,56 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def barrier() -> None:
+def barrier(long: bool = False) -> None:
+    """``long=True``: some rank may still be busy for a long time (see ``LONG_WAIT_TIMEOUT``)."""
     if get_world_size() > 1:
-        dist.barrier()
+        if long:
+            dist.barrier(group=long_group())
+        else:
+            dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, long: bool = False) -> Any:
     if get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=long_group() if long else None)
     return box[0]
 
 
-def all_gather_object(obj: Any) -> list[Any]:
+def all_gather_object(obj: Any, long: bool = False) -> list[Any]:
     if get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=long_group() if long else None)
     return out
+
+
+def run_on_rank0(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on rank 0 while the others wait on the long group; every rank
+    returns its result. If it raises, every rank raises the same exception (a RuntimeError
+    quoting it when it does not pickle) instead of waiting for a timeout."""
+    outcome: tuple[str, Any] = ("ok", None)
+    error: BaseException | None = None
+    if get_rank() == 0:
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except Exception as e:
+            error = e
+            outcome = ("error", _portable(e))
+    status, value = broadcast_object(outcome, long=True)
+    if error is not None:
+        raise error
+    if status == "error":
+        raise value
+    return value
+
+
+def _portable(e: BaseException) -> BaseException:
+    try:
+        return pickle.loads(pickle.dumps(e))
+    except Exception:
+        return RuntimeError(f"rank 0 failed: {type(e).__name__}: {e}")
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

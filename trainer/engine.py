@@ -1,8 +1,14 @@
 """Engines: DeepSpeed ZeRO 0-3 (the product) and plain torch DDP (the baseline).
 
 Both take a whole optimizer step's micro-batches in ``train_step`` and hide how they
-accumulate, clip, scale and shard. Optimizer: torch AdamW by default on CPU (no JIT
-build), DeepSpeed's on GPU; schedule: warm-up then linear / cosine / constant.
+accumulate, clip, scale and shard. Optimizer: torch AdamW by default, fused on GPU
+(nothing JIT-built; see trainer/ops.py); schedule: warm-up then linear / cosine / constant.
+
+The schedule advances with real optimizer updates only: a step skipped on an overflow
+(fp16, or inf/nan gradients under DeepSpeed's bf16 check) leaves it where it was —
+DeepSpeed's own rule, kept by the DDP baseline too — and is counted in ``skipped_steps``.
+The loss stays on the device until the step ends: one host sync per step, not one per
+micro-batch.
 """
 
 from __future__ import annotations
@@ -58,14 +64,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: RunConfig, model: torch.nn.Module, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """torch AdamW; ``fused=True`` (a torch kernel, nothing to build) where the optimizer
+    steps CUDA tensors, i.e. on GPU without offload; the plain one on CPU (trainer/ops.py)."""
     t = cfg.train
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
+    fused = torch_fused_adamw(cfg, device)
+    return torch.optim.AdamW(
+        param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=t.betas,
+        eps=t.eps,
+        **({"fused": True} if fused else {}),
+    )
+
+
+def torch_fused_adamw(cfg: RunConfig, device: torch.device | None) -> bool:
+    offload = cfg.zero.offload_optimizer or cfg.zero.offload_params
+    return device is not None and device.type == "cuda" and not offload
 
 
 class Engine(Protocol):
     module: torch.nn.Module
     device: torch.device
+    skipped_steps: int  # optimizer steps skipped on fp16 overflow so far (restored on resume)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult: ...
     def forward(self, batch: dict[str, torch.Tensor]) -> Any: ...
@@ -79,6 +102,13 @@ class Engine(Protocol):
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _add_loss(total: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
+    """Running sum of micro-batch losses on the device, in float64 (the same sums, in the same
+    order, as adding the Python floats would give — without a host sync per micro-batch)."""
+    loss = loss.detach().double()
+    return loss if total is None else total + loss
 
 
 def _grad_norm(params) -> float:
@@ -103,7 +133,7 @@ class DeepSpeedEngine:
     ):
         from .distributed import configure_cpu_deepspeed
 
-        configure_cpu_deepspeed()
+        configure_cpu_deepspeed(device)
         import deepspeed
 
         if cfg.precision == "fp16" and not fp16_supported(device):
@@ -111,7 +141,7 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.device = device
         self.ds_config = build_deepspeed_config(cfg, plan, device.type == "cuda", load_universal)
-        optimizer = None if "optimizer" in self.ds_config else build_optimizer(cfg, model)
+        optimizer = None if "optimizer" in self.ds_config else build_optimizer(cfg, model, device)
         fn = lr_lambda(cfg, total_steps)
         scheduler = (
             (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
@@ -145,8 +175,14 @@ class DeepSpeedEngine:
     def forward(self, batch):
         return self.engine(**_to(batch, self.device))
 
+    @property
+    def skipped_steps(self) -> int:
+        """DeepSpeed's own count: it skips the update and the scheduler on an fp16 overflow,
+        and saves / restores the count with the checkpoint."""
+        return int(self.engine.skipped_steps)
+
     def train_step(self, micro_batches):
-        losses = []
+        total = None
         manual_norm = None
         for i, batch in enumerate(micro_batches):
             out = self.engine(**_to(batch, self.device))
@@ -158,20 +194,23 @@ class DeepSpeedEngine:
             ):
                 manual_norm = _grad_norm(self.engine.module.parameters())  # grads already averaged
             self.engine.step()
-            losses.append(out.loss.detach().float().item())
+            total = _add_loss(total, out.loss)
+        # the last step() was the accumulation boundary: did it update the weights?
+        skipped = not self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = manual_norm
         elif torch.is_tensor(norm):
             norm = float(norm)
         scale = None
-        skipped = False
         if self.cfg.precision == "fp16":
             opt = self.engine.optimizer
             scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0.0)) or 0.0)
-            skipped = bool(getattr(opt, "overflow", False))
         return StepResult(
-            loss=sum(losses) / len(losses), grad_norm=norm, loss_scale=scale, skipped=skipped
+            loss=total.item() / len(micro_batches),
+            grad_norm=norm,
+            loss_scale=scale,
+            skipped=skipped,
         )
 
     def lr(self) -> float:
@@ -271,12 +310,13 @@ class DDPEngine:
             if get_world_size() > 1
             else self.module
         )
-        self.optimizer = build_optimizer(cfg, self.module)
+        self.optimizer = build_optimizer(cfg, self.module, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, total_steps)
         )
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.skipped_steps = 0
         self.ds_config = None
 
     def train(self) -> None:
@@ -297,7 +337,7 @@ class DDPEngine:
     def train_step(self, micro_batches):
         import contextlib
 
-        losses = []
+        total = None
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             sync = i == n - 1 or not hasattr(self.model, "no_sync")
@@ -307,22 +347,30 @@ class DDPEngine:
                     out = self.model(**_to(batch, self.device))
                 loss = out.loss / n
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            losses.append(out.loss.detach().float().item())
+            total = _add_loss(total, out.loss)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.max_grad_norm
         norm = float(
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip else float("inf"))
         )
+        skipped = False
         if self.scaler:
+            # GradScaler.step skips optimizer.step when it found inf/nan gradients, and update()
+            # then lowers the scale — the one public sign of a skip
+            before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            skipped = self.scaler.get_scale() < before
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.scheduler.step()  # the schedule counts updates, as DeepSpeed's does
         self.optimizer.zero_grad(set_to_none=True)
         scale = float(self.scaler.get_scale()) if self.scaler else None
-        return StepResult(loss=sum(losses) / n, grad_norm=norm, loss_scale=scale)
+        return StepResult(loss=total.item() / n, grad_norm=norm, loss_scale=scale, skipped=skipped)
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
@@ -337,6 +385,7 @@ class DDPEngine:
                 "model": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "skipped_steps": self.skipped_steps,
             }
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
@@ -349,6 +398,7 @@ class DDPEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 

@@ -1,0 +1,205 @@
+"""Which AdamW a run gets, and the refusal of JIT builds that cannot succeed: tables over
+``BuildEnv`` (what DeepSpeed has pre-built, which compilers exist), so GPU machines with and
+without nvcc are described here without one. Faked: the BuildEnv of such machines, and a
+``cuda:0`` device object that ``build_optimizer`` only reads the type of (no step is taken).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer.batch import resolve_batch
+from trainer.config import ConfigError, load_config
+from trainer.deepspeed_config import build_deepspeed_config
+from trainer.engine import build_optimizer
+from trainer.ops import (
+    BuildEnv,
+    build_requirements,
+    describe,
+    detect_build_env,
+    find_cuda_home,
+    optimizer_plan,
+    parse_nvcc_version,
+    read_installed_ops,
+    remote,
+)
+
+# A fresh GPU machine: pip-installed torch and deepspeed, no CUDA toolkit.
+PIP_GPU = BuildEnv(
+    deepspeed="0.19.8",
+    install_accelerator="cuda",
+    prebuilt={"fused_adam": False, "cpu_adam": False},
+    torch_cuda="12.4",
+    cuda_home=None,
+    nvcc=None,
+    cxx="/usr/bin/c++",
+    ninja=True,
+)
+TOOLKIT_GPU = BuildEnv(**{**PIP_GPU.__dict__, "cuda_home": "/usr/local/cuda", "nvcc": "12.6"})
+WRONG_TOOLKIT_GPU = BuildEnv(**{**TOOLKIT_GPU.__dict__, "nvcc": "11.8"})
+PREBUILT_GPU = BuildEnv(**{**PIP_GPU.__dict__, "prebuilt": {"fused_adam": True, "cpu_adam": True}})
+# ops pre-built for the CPU accelerator do not load on a GPU (DeepSpeed compares accelerators)
+PREBUILT_FOR_CPU = BuildEnv(**{**PREBUILT_GPU.__dict__, "install_accelerator": "cpu"})
+NO_CXX = BuildEnv(**{**PIP_GPU.__dict__, "cxx": None})
+
+
+def cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+OFFLOAD = ("zero.stage=2", "zero.offload_optimizer=true")
+
+
+@pytest.mark.parametrize(
+    "sets, on_gpu, build, ds, fused, problem, note",
+    [
+        # the default path: nothing is ever compiled
+        ((), False, PIP_GPU, False, False, None, None),
+        ((), True, PIP_GPU, False, True, None, None),
+        ((), True, PREBUILT_GPU, False, True, None, None),  # one behaviour on every install
+        (("train.optimizer_impl=torch",), True, PIP_GPU, False, True, None, None),
+        (("engine=ddp", "zero.stage=0"), True, PIP_GPU, False, True, None, None),
+        # offload + auto: CPUAdam only when pre-built for this accelerator; else torch, noted
+        (OFFLOAD, True, PREBUILT_GPU, True, False, None, None),
+        (OFFLOAD, True, PIP_GPU, False, False, None, "several times slower"),
+        (OFFLOAD, True, PREBUILT_FOR_CPU, False, False, None, "several times slower"),
+        (OFFLOAD, False, PIP_GPU, False, False, None, None),  # CPU training: as before
+        # explicit deepspeed: pre-built, buildable (noted), or refused with the fix
+        (("train.optimizer_impl=deepspeed",), True, PREBUILT_GPU, True, False, None, None),
+        (("train.optimizer_impl=deepspeed",), True, TOOLKIT_GPU, True, False, None, "compiles"),
+        (
+            ("train.optimizer_impl=deepspeed",),
+            True,
+            PIP_GPU,
+            True,
+            False,
+            "CUDA_HOME unset and no nvcc",
+            None,
+        ),
+        (
+            ("train.optimizer_impl=deepspeed",),
+            True,
+            WRONG_TOOLKIT_GPU,
+            True,
+            False,
+            "nvcc 11.8 matching torch's CUDA 12.4",
+            None,
+        ),
+        (
+            ("train.optimizer_impl=deepspeed", *OFFLOAD),
+            True,
+            PIP_GPU,
+            True,
+            False,
+            None,
+            "compiles",
+        ),
+        (
+            ("train.optimizer_impl=deepspeed", *OFFLOAD),
+            True,
+            NO_CXX,
+            True,
+            False,
+            "a C++ compiler",
+            None,
+        ),
+        # zerotune submit: the compute nodes' compilers are unknown from the login node
+        (("train.optimizer_impl=deepspeed",), True, remote(PIP_GPU), True, False, None, "compiles"),
+    ],
+)
+def test_optimizer_plan_table(sets, on_gpu, build, ds, fused, problem, note):
+    plan = optimizer_plan(cfg(*sets), on_gpu, build)
+    assert (plan.deepspeed, plan.fused) == (ds, fused), plan
+    assert plan.problem is None if problem is None else problem in plan.problem
+    assert plan.note is None if note is None else note in plan.note
+
+
+def test_refusal_names_the_fix():
+    plan = optimizer_plan(cfg("train.optimizer_impl=deepspeed"), True, PIP_GPU)
+    assert "set train.optimizer_impl=torch" in plan.problem
+    assert "DS_BUILD_FUSED_ADAM=1" in plan.problem
+    assert "installed_ops['fused_adam']=False" in plan.problem
+
+
+def test_generated_config_follows_the_plan():
+    c = cfg("train.optimizer_impl=deepspeed")
+    plan = resolve_batch(c, 2)
+    with pytest.raises(ConfigError, match="DS_BUILD_FUSED_ADAM=1"):
+        build_deepspeed_config(c, plan, on_gpu=True, build=PIP_GPU)
+    assert build_deepspeed_config(c, plan, on_gpu=True, build=PREBUILT_GPU)["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": c.train.lr, "betas": [0.9, 0.999], "eps": 1e-08, "weight_decay": 0.01},
+    }
+    c = cfg(*OFFLOAD)
+    assert "optimizer" in build_deepspeed_config(c, plan, on_gpu=True, build=PREBUILT_GPU)
+    ds = build_deepspeed_config(c, plan, on_gpu=True, build=PIP_GPU)
+    assert "optimizer" not in ds and ds["zero_force_ds_cpu_optimizer"] is False  # torch on CPU
+
+
+def test_user_json_optimizer_gets_the_same_check(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
+    c = cfg(f"deepspeed_config={user}")
+    with pytest.raises(ConfigError, match='"optimizer" section.*DS_BUILD_FUSED_ADAM'):
+        build_deepspeed_config(c, resolve_batch(c, 1), on_gpu=True, build=PIP_GPU)
+    build_deepspeed_config(c, resolve_batch(c, 1), on_gpu=True, build=PREBUILT_GPU)
+
+
+@pytest.mark.parametrize(
+    "sets, device, fused",
+    [
+        ((), "cpu", False),  # CPU: the same AdamW as before
+        ((), "cuda:0", True),
+        (OFFLOAD, "cuda:0", False),  # its shards live on the CPU
+        (("zero.stage=3", "zero.offload_params=true"), "cuda:0", False),
+    ],
+)
+def test_build_optimizer_is_fused_on_gpu(sets, device, fused):
+    """Faked: the cuda:0 device object; torch checks fused tensors at step(), not here."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(cfg(*sets), model, torch.device(device))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert bool(opt.defaults.get("fused")) is fused
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]  # decay / no-decay kept
+
+
+def test_read_installed_ops_without_importing_deepspeed(tmp_path):
+    (tmp_path / "git_version_info_installed.py").write_text(
+        "version='0.19.8'\ngit_hash='x'\ninstalled_ops={'fused_adam': True, 'cpu_adam': False}\n"
+        "accelerator_name='cuda'\ntorch_info={'version': '2.5'}\n"
+    )
+    assert read_installed_ops(tmp_path) == (
+        "0.19.8",
+        "cuda",
+        {"fused_adam": True, "cpu_adam": False},
+    )
+    assert read_installed_ops(tmp_path / "missing") == (None, "", {})
+
+
+def test_this_machine_is_read_consistently():
+    """The real install here: DeepSpeed without pre-built ops, built for the CPU accelerator."""
+    import deepspeed.git_version_info as info
+
+    build = detect_build_env()
+    assert build.deepspeed == info.version
+    assert dict(build.prebuilt) == dict(info.installed_ops)
+    assert build.install_accelerator == info.accelerator_name
+    lines = describe(build, on_gpu=False)
+    assert lines[1].startswith("op fused_adam: pre-built no")
+
+
+def test_nvcc_and_cuda_home_rules():
+    assert (
+        parse_nvcc_version("Cuda compilation tools, release 12.4, V12.4.131\nBuild cuda_12.4")
+        == "12.4"
+    )
+    assert parse_nvcc_version("bash: nvcc: command not found") is None
+    assert find_cuda_home({"CUDA_HOME": "/opt/cuda"}) == "/opt/cuda"
+    assert find_cuda_home({"CUDA_PATH": "/opt/c"}) == "/opt/c"
+    assert find_cuda_home({}, which=lambda _: "/usr/local/cuda-12/bin/nvcc") == "/usr/local/cuda-12"
+    assert find_cuda_home({}, which=lambda _: None, exists=lambda _: False) is None
+    assert build_requirements("fused_adam", True, TOOLKIT_GPU) == []
+    assert build_requirements("cpu_adam", True, NO_CXX) == ["a C++ compiler (c++ / g++, or $CXX)"]
