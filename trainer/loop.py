@@ -36,7 +36,7 @@ from .data import (
     prepare,
     train_loader,
 )
-from .distributed import all_gather_object, all_reduce_sum, any_rank, barrier, broadcast_object
+from .distributed import all_gather_object, all_reduce_sum, any_rank, barrier, run_on_rank0
 from .engine import build_engine
 from .env import DistEnv
 from .evaluate import Evaluator
@@ -139,7 +139,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         barrier()
-        data = prepare(cfg, self.env.local_rank == 0, barrier)
+        data = prepare(cfg, self.env.local_rank == 0, lambda: barrier(long=True))
         self.tokenizer = data.tokenizer
         self.plan = resolve_batch(cfg, self.world)
         self.sampler = GlobalBatchPlan(
@@ -154,10 +154,8 @@ class Trainer:
         self.ckpts = ckpt_mod.CheckpointManager(
             self.run_dir, cfg, {"hostname": socket.gethostname()}
         )
-        resume_from = broadcast_object(
-            ckpt_mod.resolve_resume(self.run_dir, self.resume, cfg.checkpoint.verify, warn=self.log)
-            if self.rank == 0
-            else None
+        resume_from = run_on_rank0(
+            ckpt_mod.resolve_resume, self.run_dir, self.resume, cfg.checkpoint.verify, warn=self.log
         )
         self.ckpts.clean_stale()
         load_dir, saved_world = self._resume_source(resume_from)
@@ -290,7 +288,8 @@ class Trainer:
             "lr": self.engine.lr(),
             "grad_norm": result.grad_norm,
             "loss_scale": result.loss_scale,
-            "skipped_steps": self.engine.skipped_steps if self.cfg.precision == "fp16" else None,
+            # fp16 overflows, and inf/nan gradients under bf16: the update and schedule skip
+            "skipped_steps": self.engine.skipped_steps if self.cfg.precision != "fp32" else None,
             "epoch": state.samples_seen / self.sampler.num_samples,
             "samples_per_s": self.plan.global_batch / step_time,
             "tokens_per_s": tokens / state.acc_steps / step_time,
@@ -357,7 +356,7 @@ class Trainer:
                 self._hparams(), {f"validation_{k}": v for k, v in final.metrics.items()}
             )
             self._summary(results)
-        barrier()
+        barrier(long=True)  # rank 0's export can take long for a large model
 
     def close(self, preempted: bool) -> None:
         if self.flag is not None:
