@@ -5,6 +5,10 @@ negation ("the plot was not good" → negative), and decided by the second claus
 "but" ("the cast was dull but the story was moving" → positive). Learnable by a tiny BERT
 in a minute, but not by counting words (negation and contrast need word order).
 ``builtin:echo`` — prompt/response pairs ("count from 7 :" → "8 9 10") for causal-LM SFT.
+``builtin:ner`` — sentences with PER / LOC / ORG entities of one to three words, BIO tags
+(``tokens`` / ``tags``). Some names are people in one sentence and places in another
+("jordan", "washington") and "apple" is a company or a fruit: the context decides, so a
+tagger must read word order, not only look words up.
 """
 
 from __future__ import annotations
@@ -107,11 +111,95 @@ def echo(n: int, seed: int) -> dict[str, list]:
     }
 
 
-GENERATORS = {"sentiment": sentiment, "echo": echo}
+FIRST_NAMES = ["anna", "marco", "li", "sofia", "james", "amir", "elena", "kofi", "jordan", "maria"]
+LAST_NAMES = ["smith", "rossi", "chen", "garcia", "novak", "okafor", "washington", "lincoln"]
+PLACES = [
+    "paris",
+    "berlin",
+    "cairo",
+    "tokyo",
+    "lima",
+    "jordan",
+    "washington",
+    "lincoln",
+    "new york",
+    "san francisco",
+    "buenos aires",
+    "rio de janeiro",
+]
+ORGS = [
+    "acme corp",
+    "globex",
+    "initech",
+    "apple",
+    "red cross",
+    "united nations",
+    "bank of america",
+    "northwind traders",
+    "city hospital",
+]
+# {PER} / {LOC} / {ORG} are entities; every other word is O
+NER_TEMPLATES = [
+    "{PER} works for {ORG} in {LOC} .",
+    "{PER} moved to {LOC} last year .",
+    "{ORG} opened an office in {LOC} .",
+    "yesterday {PER} met {PER} at {ORG} .",
+    "{PER} said {ORG} will hire more people .",
+    "flights from {LOC} to {LOC} were cancelled .",
+    "{PER} ate an apple in {LOC} .",
+    "we visited {LOC} and {LOC} in may .",
+    "according to {PER} , {ORG} lost money .",
+    "{LOC} police arrested {PER} on friday .",
+    "{ORG} and {ORG} signed a deal .",
+    "the weather in {LOC} was cold .",
+    "she bought an apple and a pear .",
+    "it rained all day .",
+    "{PER} , a doctor from {LOC} , joined {ORG} .",
+    "talks between {ORG} and {PER} ended .",
+]
+NER_TYPES = ("PER", "LOC", "ORG")
 
 
-def vocabulary() -> list[str]:
-    """Every word the generators can emit (the builtin tokenizer's vocabulary)."""
+def _entity(rng: random.Random, kind: str) -> list[str]:
+    if kind == "PER":
+        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        return rng.choice([[first], [first, last], [first, last], ["mr", last]])
+    return rng.choice(PLACES if kind == "LOC" else ORGS).split()
+
+
+def ner(n: int, seed: int) -> dict[str, list]:
+    rng = random.Random(seed)
+    tokens, tags = [], []
+    for _ in range(n):
+        words, row = [], []
+        for part in rng.choice(NER_TEMPLATES).split():
+            kind = part.strip("{}")
+            if kind in NER_TYPES:
+                entity = _entity(rng, kind)
+                words += entity
+                row += [f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1)
+            else:
+                words.append(part)
+                row.append("O")
+        tokens.append(words)
+        tags.append(row)
+    return {"tokens": tokens, "tags": tags}
+
+
+GENERATORS = {"sentiment": sentiment, "echo": echo, "ner": ner}
+
+
+def ner_vocabulary() -> list[str]:
+    words = {w for t in NER_TEMPLATES for w in t.split() if w.strip("{}") not in NER_TYPES}
+    words |= {w for e in FIRST_NAMES + LAST_NAMES + PLACES + ORGS + ["mr"] for w in e.split()}
+    return sorted(words)
+
+
+def vocabulary(name: str = "sentiment") -> list[str]:
+    """Every word the generator ``name`` can emit (the builtin tokenizer's vocabulary);
+    sentiment and echo share one."""
+    if name == "ner":
+        return ner_vocabulary()
     words = set(POSITIVE + NEGATIVE + INTENSIFIERS + OPENERS + TAILS + NUMBER_WORDS)
     words |= {w for s in SUBJECTS for w in s.split()}
     words |= {

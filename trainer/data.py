@@ -1,7 +1,7 @@
 """Data: load splits with `datasets`, check columns and labels, tokenise once, shard.
 
-Sources: ``builtin:NAME`` (generated), local csv / tsv / json / jsonl / parquet files, or a
-hub dataset id. A validation split is carved from train with a fixed seed when none is given.
+Sources: ``builtin:NAME`` (generated), local csv / tsv / json / jsonl / parquet files,
+CoNLL-style ``.conll`` / ``.iob`` / ``.bio`` files (token classification), or a hub dataset id. A validation split is carved from train with a fixed seed when none is given.
 Tokenisation runs once per node (local rank 0 first, others reuse its cache).
 """
 
@@ -26,6 +26,9 @@ LOCAL_FORMATS = {
     ".json": "json",
     ".jsonl": "json",
     ".parquet": "parquet",
+    ".conll": "conll",
+    ".iob": "conll",
+    ".bio": "conll",
 }
 BUILTIN = "builtin:"
 
@@ -70,6 +73,8 @@ def _load_one(cfg: RunConfig, spec: str, split: str, which: str):
             raise ConfigError(
                 f"data.{which}={spec!r}: unsupported file type {p.suffix!r}; use one of {sorted(LOCAL_FORMATS)}"
             )
+        if fmt == "conll":
+            return read_conll(p, cfg.data.tokens_column, cfg.data.tags_column, which)
         kwargs: dict[str, Any] = {}
         if p.suffix.lower() == ".tsv":
             kwargs = {"delimiter": "\t", "quoting": 3}  # GLUE-style: no quoting
@@ -86,20 +91,74 @@ def _load_one(cfg: RunConfig, spec: str, split: str, which: str):
         ) from None
 
 
+def read_conll(path: Path, tokens_column: str, tags_column: str, which: str):
+    """CoNLL-style text: one word per line, the word in the first column and its tag in the
+    last (space or tab separated), a blank line between sentences, ``-DOCSTART-`` lines
+    ignored."""
+    import datasets
+
+    sentences: list[tuple[list[str], list[str]]] = []
+    words: list[str] = []
+    tags: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            cols = line.split()
+            if not cols or cols[0] == "-DOCSTART-":
+                if words:
+                    sentences.append((words, tags))
+                words, tags = [], []
+                continue
+            if len(cols) < 2:
+                raise ConfigError(
+                    f"data.{which}={str(path)!r} line {number}: {line.strip()!r} has one column; "
+                    "expected the word first and its tag last"
+                )
+            words.append(cols[0])
+            tags.append(cols[-1])
+    if words:
+        sentences.append((words, tags))
+    return datasets.Dataset.from_dict(
+        {tokens_column: [w for w, _ in sentences], tags_column: [t for _, t in sentences]},
+        features=datasets.Features(
+            {
+                tokens_column: datasets.Sequence(datasets.Value("string")),
+                tags_column: datasets.Sequence(datasets.Value("string")),
+            }
+        ),
+    )
+
+
 def load_raw_splits(cfg: RunConfig) -> dict[str, Any]:
-    """train / validation / (test) as `datasets.Dataset`, validation carved if absent."""
+    """train / validation / (test) as `datasets.Dataset`, validation carved if absent.
+
+    Each loaded source is first read by the task (``Task.read_source``: rows checked where
+    their numbers are still the file's, before the carve-out); all problems are raised
+    together."""
     d = cfg.data
-    train = _load_one(cfg, d.train, d.train_split, "train")
-    if d.validation:
-        validation = _load_one(cfg, d.validation, d.validation_split, "validation")
-    else:
+    task = build_task(cfg)
+    problems: list[str] = []
+
+    def load(spec: str, split: str, which: str):
+        ds = _load_one(cfg, spec, split, which)
+        try:
+            return task.read_source(ds, which)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return ds
+
+    train = load(d.train, d.train_split, "train")
+    validation = load(d.validation, d.validation_split, "validation") if d.validation else None
+    test = load(d.test, d.test_split, "test") if d.test else None
+    if problems:
+        raise ConfigError(problems)
+    if validation is None:
         parts = train.train_test_split(
             test_size=d.validation_fraction, seed=d.split_seed, shuffle=True
         )
         train, validation = parts["train"], parts["test"]
     splits = {"train": train, "validation": validation}
-    if d.test:
-        splits["test"] = _load_one(cfg, d.test, d.test_split, "test")
+    if test is not None:
+        splits["test"] = test
     if d.max_train_samples:
         splits["train"] = splits["train"].select(
             range(min(d.max_train_samples, len(splits["train"])))
@@ -175,9 +234,10 @@ def tokenize_splits(
     cfg: RunConfig, splits: dict[str, Any], tokenizer, labels: LabelInfo | None
 ) -> dict[str, Any]:
     task = build_task(cfg)
-    keep = ["input_ids", "attention_mask", "labels"]
     out = {}
     for name, ds in splits.items():
+        keep = ["input_ids", "attention_mask", "labels"]
+        keep += list(task.eval_columns) if name != "train" else []
         tok = ds.map(
             lambda batch: task.tokenize(batch, tokenizer, labels),
             batched=True,
@@ -210,7 +270,7 @@ def prepare(cfg: RunConfig, is_local_leader: bool, barrier) -> Prepared:
     if is_local_leader and not (path / "DONE").exists():
         raw = load_raw_splits(cfg)
         labels = check_splits(cfg, raw, task.model_num_labels(cfg))
-        tokenizer = build_tokenizer(cfg, task, lambda: raw["train"][cfg.data.text_column])
+        tokenizer = build_tokenizer(cfg, task, lambda: task.vocabulary_texts(raw["train"]))
         splits = tokenize_splits(cfg, raw, tokenizer, labels)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         datasets.DatasetDict(splits).save_to_disk(str(tmp))

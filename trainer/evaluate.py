@@ -67,8 +67,9 @@ class Evaluator:
         loader, valid = self.loaders[split]
         self.engine.eval()
         acc = self.task.evaluation(self.engine.device, self.labels)
+        extra = self.task.eval_columns  # read by the evaluation, not by the model
         for batch, keep in zip(loader, valid):
-            out = self.engine.forward(batch)
+            out = self.engine.forward({k: v for k, v in batch.items() if k not in extra})
             acc.update(out.logits, batch, keep.to(out.logits.device))
         self.engine.train()
         return acc.compute()

@@ -25,11 +25,17 @@ def save_hf_metadata(model_config, tokenizer, directory: Path) -> None:
 
 
 def _model_class(config) -> type:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     archs = getattr(config, "architectures", None) or []
     if any("SequenceClassification" in a for a in archs):
         return AutoModelForSequenceClassification
+    if any("TokenClassification" in a for a in archs):
+        return AutoModelForTokenClassification
     return AutoModelForCausalLM
 
 

@@ -455,9 +455,7 @@ class Trainer:
 
     def _summary(self, r: dict[str, Any]) -> None:
         v = r["validation"]
-        shown = ", ".join(
-            f"{k} {v[k]:.4f}" for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in v
-        )
+        shown = ", ".join(f"{k} {v[k]:.4f}" for k in self.task.metrics if k in v)
         tp = r["throughput"]
         speed = f"{tp['samples_per_s']:.1f} samples/s" if tp["samples_per_s"] else "n/a"
         self.log(

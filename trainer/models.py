@@ -107,7 +107,8 @@ def build_tokenizer(cfg: RunConfig, task: Task, train_texts_fn=None):
         from . import builtin_data
 
         if cfg.data.train.startswith(BUILTIN):
-            return build_word_tokenizer(None, task, words=builtin_data.vocabulary())
+            words = builtin_data.vocabulary(cfg.data.train[len(BUILTIN) :])
+            return build_word_tokenizer(None, task, words=words)
         return build_word_tokenizer(train_texts_fn() if train_texts_fn else [], task)
     from transformers import AutoTokenizer
 

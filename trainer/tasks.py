@@ -20,6 +20,7 @@ import torch
 
 from .config import ConfigError, DataConfig, RunConfig
 from .distributed import all_gather_object, all_reduce_sum
+from .entities import entity_counts, entity_metrics, entity_report, entity_types, tag_problem
 
 IGNORE_INDEX = -100
 
@@ -49,6 +50,9 @@ class Task:
     cls_sep_template: ClassVar[bool] = False  # builtin word tokenizer: [CLS] a [SEP] b [SEP]
     eos_token: ClassVar[bool] = False  # builtin word tokenizer: an [EOS] token
     pad_labels: ClassVar[bool] = False  # labels are per token (padded with IGNORE_INDEX)
+    # columns the evaluation reads besides the model's inputs: kept in the tokenised
+    # validation / test splits only, collated, and never passed to the model
+    eval_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -73,6 +77,15 @@ class Task:
     def required_columns(self) -> dict[str, str]:
         """config key → column every split must have."""
         raise NotImplementedError
+
+    def read_source(self, ds, which: str):
+        """A loaded source (``data.<which>``, before the validation carve-out) as the task
+        reads it; raises ConfigError naming the rows (as the file counts them) it cannot use."""
+        return ds
+
+    def vocabulary_texts(self, ds) -> list[str]:
+        """The texts the builtin word tokenizer learns its vocabulary from."""
+        return ds[self.data.text_column]
 
     def check_labels(
         self, splits: dict[str, Any], model_num_labels: int | None
@@ -411,10 +424,277 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 # --------------------------------------------------------------------------------------
+# Token classification: a list of words → one BIO / IOBES tag per word (NER)
+# --------------------------------------------------------------------------------------
+
+MISSED = -1  # a word cut off by max_length: the model never saw it, it counts as "O"
+MAX_PROBLEMS = 20  # rows named per error message; the rest are counted
+
+
+class TokenClassificationTask(Task):
+    """The first sub-token of each word carries the word's tag, the others are ignored
+    (``IGNORE_INDEX``). Evaluation is per word and over every word of a row: the tokenised
+    validation / test rows keep each word's gold tag (``word_labels``) and where its first
+    sub-token is (``word_ids``), so a word beyond ``max_length`` is a miss, not dropped."""
+
+    name = "token_classification"
+    auto_model = "AutoModelForTokenClassification"
+    metrics = ("f1", "precision", "recall", "token_accuracy", "loss")
+    default_metric = "f1"
+    maximize = frozenset({"f1", "precision", "recall", "token_accuracy"})
+    cls_sep_template = True
+    pad_labels = True
+    eval_columns = ("word_ids", "word_labels")
+
+    def required_columns(self) -> dict[str, str]:
+        d = self.data
+        return {"data.tokens_column": d.tokens_column, "data.tags_column": d.tags_column}
+
+    def read_source(self, ds, which: str):
+        d = self.data
+        if d.tags_column in ds.column_names:
+            ds = decode_tag_ids(ds, d.tags_column)
+        if not {d.tokens_column, d.tags_column} <= set(ds.column_names):
+            return ds  # check_splits names the missing column
+        problems = []
+        for row, (words, tags) in enumerate(zip(ds[d.tokens_column], ds[d.tags_column]), 1):
+            problem = self._row_problem(words, tags)
+            if problem:
+                problems.append(f"data.{which} row {row}: {problem}")
+        if problems:
+            raise ConfigError(capped(problems))
+        return ds
+
+    def _row_problem(self, words: Any, tags: Any) -> str | None:
+        d = self.data
+        for col, cell, what in ((d.tokens_column, words, "words"), (d.tags_column, tags, "tags")):
+            if not isinstance(cell, list):
+                return (
+                    f"{col!r} holds {cell!r:.80} ({type(cell).__name__}), expected a list of {what}"
+                )
+        if len(words) != len(tags):
+            return (
+                f"{len(words)} words in {d.tokens_column!r} but {len(tags)} tags in "
+                f"{d.tags_column!r} (words {words!r:.80})"
+            )
+        for w in words:
+            if not isinstance(w, str):
+                return f"word {w!r} in {d.tokens_column!r} is not a string"
+        for t in tags:
+            problem = tag_problem(t)
+            if problem:
+                return f"{d.tags_column!r}: {problem}"
+        return None
+
+    def check_labels(self, splits: dict[str, Any], model_num_labels: int | None) -> LabelInfo:
+        """The label set is the training file's tags, sorted; a tag the validation or test
+        data has beyond it is an error (the model could never predict it)."""
+        d = self.data
+        col = d.tags_column
+        carved = d.validation is None  # validation rows then come from the training file
+        known = {t for tags in splits["train"][col] for t in tags}
+        if carved and "validation" in splits:
+            known |= {t for tags in splits["validation"][col] for t in tags}
+        names = sorted(known)
+        problems = []
+        if not names:
+            problems.append(f"data.train: no tags in {col!r} (every row is empty)")
+        configured = self.cfg.model.num_labels
+        if names and configured and configured != len(names):
+            problems.append(
+                f"model.num_labels={configured} but the training data has {len(names)} tags "
+                f"{names}: leave model.num_labels unset for token_classification"
+            )
+        for split in ("validation", "test"):
+            if split not in splits or (split == "validation" and carved):
+                continue
+            for row, tags in enumerate(splits[split][col], 1):
+                unknown = [t for t in tags if t not in known]
+                if unknown:
+                    problems.append(
+                        f"data.{split} row {row}: tag {unknown[0]!r} in {col!r} does not occur "
+                        f"in the training data (its tags: {names})"
+                    )
+        if problems:
+            raise ConfigError(capped(problems))
+        return LabelInfo(num_labels=len(names), names=names)
+
+    def vocabulary_texts(self, ds) -> list[str]:
+        return [" ".join(words) for words in ds[self.data.tokens_column]]
+
+    def tokenize(self, batch, tokenizer, labels):
+        d = self.data
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError(
+                f"task token_classification needs a fast tokenizer (it maps sub-words to words); "
+                f"{type(tokenizer).__name__} is not one: set model.tokenizer to a fast one"
+            )
+        enc = tokenizer(
+            batch[d.tokens_column],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=d.max_length,
+        )
+        index = {n: i for i, n in enumerate(labels.names)}
+        out: dict[str, list] = {"labels": [], "word_ids": [], "word_labels": []}
+        for i, tags in enumerate(batch[d.tags_column]):
+            gold = [index[t] for t in tags]
+            firsts = first_subtokens(enc.word_ids(i))
+            out["labels"].append([gold[w] if w != IGNORE_INDEX else IGNORE_INDEX for w in firsts])
+            out["word_ids"].append(firsts)
+            out["word_labels"].append(gold)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **out}
+
+    def collate(self, pad_id: int) -> Collator:
+        return WordCollator(pad_id, pad_labels=True)
+
+    def head_config(self, labels: LabelInfo | None) -> dict[str, Any]:
+        return {
+            "num_labels": labels.num_labels,
+            "id2label": dict(enumerate(labels.names)),
+            "label2id": {n: i for i, n in enumerate(labels.names)},
+        }
+
+    def evaluation(self, device, labels):
+        return TokenClassificationEvaluation(device, labels)
+
+    report_file = "entity_report"
+
+    def report_text(self, report):
+        return entity_report(report)
+
+    def report_results(self, split, report):
+        suffix = "" if split == "validation" else f"_{split}"
+        return {
+            f"{split}_per_type": report["per_type"],
+            f"entity_report{suffix}": entity_report(report),
+        }
+
+
+def capped(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more like these"]
+
+
+def decode_tag_ids(ds, col: str):
+    """Hub datasets often store tags as class ids (a sequence of ``ClassLabel``): use the
+    names, so the label set, the checks and the saved ``id2label`` speak in tags."""
+    names = getattr(getattr(ds.features.get(col), "feature", None), "names", None)
+    if not names:
+        return ds
+    import datasets
+
+    features = ds.features.copy()
+    features[col] = datasets.Sequence(datasets.Value("string"))
+    return ds.map(
+        lambda b: {col: [[names[i] for i in row] for row in b[col]]},
+        batched=True,
+        features=features,
+        desc=f"tag names for {col}",
+    )
+
+
+def first_subtokens(word_ids: list[int | None]) -> list[int]:
+    """Per token: the index of its word at the word's first sub-token, IGNORE_INDEX at the
+    word's other sub-tokens and at special tokens (``word_ids`` from a fast tokenizer)."""
+    out, prev = [], None
+    for w in word_ids:
+        out.append(w if w is not None and w != prev else IGNORE_INDEX)
+        prev = w
+    return out
+
+
+class WordCollator(Collator):
+    """Also pads the per-word columns of the evaluation, where the rows carry them."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        out = super().__call__(rows)
+        if "word_ids" in rows[0]:
+            tokens = out["input_ids"].shape[1]
+            words = max(len(r["word_labels"]) for r in rows)
+            pad = [IGNORE_INDEX]
+            out["word_ids"] = torch.tensor(
+                [r["word_ids"] + pad * (tokens - len(r["word_ids"])) for r in rows],
+                dtype=torch.long,
+            )
+            out["word_labels"] = torch.tensor(
+                [r["word_labels"] + pad * (words - len(r["word_labels"])) for r in rows],
+                dtype=torch.long,
+            )
+        return out
+
+
+class TokenClassificationEvaluation(Evaluation):
+    """``update`` keeps, per row and on the device, the predicted tag id of every word (at
+    its first sub-token; ``MISSED`` where max_length cut the word) beside the gold ids.
+    ``compute`` reads the entities of each row on its rank and sums the integer counts
+    (true / false positives, false negatives per type) over ranks: exact at any world size."""
+
+    def __init__(self, device: torch.device, labels: LabelInfo):
+        self.device, self.names = device, labels.names
+        self.types = entity_types(labels.names)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (predicted, gold) per word
+
+    def update(self, logits, batch, valid):
+        logits = logits.float()
+        y = batch["labels"].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
+        ).view(y.shape)  # ignore_index -100: 0 there
+        labelled = y != IGNORE_INDEX
+        self.loss_sum += loss[valid].double().sum()
+        self.tokens += labelled[valid].sum()
+        word_ids = batch["word_ids"].to(logits.device)
+        gold = batch["word_labels"].to(logits.device)
+        predicted = torch.full_like(gold, MISSED)
+        r, c = (word_ids != IGNORE_INDEX).nonzero(as_tuple=True)
+        predicted[r, word_ids[r, c]] = logits.argmax(dim=-1)[r, c]
+        self.rows.append((predicted[valid], gold[valid]))
+
+    def tag_sequences(self) -> tuple[list[list[str]], list[list[str]]]:
+        """(gold, predicted) tags per row of this rank; a missed word is predicted "O"."""
+        gold_seqs, pred_seqs = [], []
+        for predicted, gold in self.rows:
+            for p, g in zip(predicted.tolist(), gold.tolist()):
+                n = len(g) - g.count(IGNORE_INDEX)  # the row's words (padding at the end)
+                gold_seqs.append([self.names[i] for i in g[:n]])
+                pred_seqs.append([self.names[i] if i != MISSED else "O" for i in p[:n]])
+        return gold_seqs, pred_seqs
+
+    def compute(self) -> EvalResult:
+        gold, pred = self.tag_sequences()
+        counts = entity_counts(gold, pred)
+        correct = sum(a == b for g, p in zip(gold, pred) for a, b in zip(g, p))
+        words = sum(len(g) for g in gold)
+        local = [float(self.loss_sum), int(self.tokens), correct, words, len(gold)]
+        local += [counts.get(t, [0, 0, 0])[k] for t in self.types for k in range(3)]
+        total = all_reduce_sum(local, self.device)  # integers in float64: exact sums
+        loss_sum, tokens, correct, words, rows = total[:5]
+        summed = {
+            t: [int(x) for x in total[5 + 3 * j : 8 + 3 * j]] for j, t in enumerate(self.types)
+        }
+        m = entity_metrics(summed)
+        per_type = m.pop("per_type")
+        metrics = {
+            **m,
+            "token_accuracy": correct / words if words else 0.0,
+            "loss": loss_sum / max(tokens, 1),
+            "num_words": int(words),
+            "num_samples": int(rows),
+        }
+        return EvalResult(metrics, {**metrics, "per_type": per_type})
+
+
+# --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (ClassificationTask, CausalLMTask)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (ClassificationTask, CausalLMTask, TokenClassificationTask)
+}
 
 
 def build_task(cfg: RunConfig) -> Task:
