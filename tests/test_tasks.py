@@ -22,6 +22,11 @@ def test_every_config_task_has_a_class_and_back():
     [
         ("classification", "perplexity", "['accuracy', 'macro_f1', 'loss']"),
         ("causal_lm", "accuracy", "['loss', 'perplexity']"),
+        (
+            "token_classification",
+            "accuracy",
+            "['f1', 'precision', 'recall', 'token_accuracy', 'loss']",
+        ),
     ],
 )
 def test_eval_metric_the_task_does_not_produce_is_a_config_error(task, metric, produced):
@@ -39,6 +44,9 @@ def test_eval_metric_the_task_does_not_produce_is_a_config_error(task, metric, p
         ("classification", "macro_f1", "max"),
         ("causal_lm", None, "min"),
         ("causal_lm", "perplexity", "min"),
+        ("token_classification", None, "max"),
+        ("token_classification", "token_accuracy", "max"),
+        ("token_classification", "loss", "min"),
     ],
 )
 def test_default_metric_and_direction_come_from_the_task(task, metric, mode):
