@@ -315,3 +315,31 @@ def test_two_ranks_learn_to_tag_entities_and_report_per_type(tmp_path):
     exported = AutoConfig.from_pretrained(d / "final")
     assert exported.architectures == ["BertForTokenClassification"]
     assert exported.id2label[0] == "B-LOC" and exported.label2id["O"] == 6
+
+
+@pytest.mark.slow
+def test_ner_config_through_the_cli_and_the_exported_model_tags_words(tmp_path, cache_dir):
+    """`zerotune train configs/ner-tiny.yaml` as the README shows it; final/ is a plain
+    AutoModelForTokenClassification whose id2label turns its outputs into tags."""
+    from conftest import check_ok, results, zerotune
+
+    d = tmp_path / "ner"
+    check_ok(
+        zerotune(["train", str(ROOT / "configs" / "ner-tiny.yaml"), "--run-dir", str(d)], cache_dir)
+    )
+    r = results(d)
+    assert r["world_size"] == 2 and r["validation"]["f1"] > 0.95, r["validation"]
+    assert r["test"]["f1"] > 0.95 and set(r["test_per_type"]) == {"LOC", "ORG", "PER"}
+    assert (d / "entity_report_test.txt").is_file()
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    model = AutoModelForTokenClassification.from_pretrained(d / "final").eval()
+    tok = AutoTokenizer.from_pretrained(d / "final")
+    words, tags = tagged(
+        "anna/B-PER smith/I-PER moved/O to/O new/B-LOC york/I-LOC last/O year/O ./O"
+    )
+    enc = tok([words], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(**enc).logits.argmax(-1)[0].tolist()
+    firsts = [i for i, w in enumerate(enc.word_ids(0)) if w is not None]
+    assert [model.config.id2label[ids[i]] for i in firsts] == tags
