@@ -146,7 +146,7 @@ elif [ "$T" -lt 60 ]; then
     record tests FAIL "no time left for the tier (${T}s)"
 else
     # shellcheck disable=SC2086
-    timeout --signal=INT --kill-after=20 "$T" "$PY" -m pytest -q -m gpu tests/test_gpu.py \
+    timeout --signal=INT --kill-after=20 "$T" "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_binding.py \
         -p no:cacheprovider -rfEs "${XDIST[@]}" ${GPU_CHECK_PYTEST--x} 2>&1 | tee "$DIR/pytest.log"
     rc=${PIPESTATUS[0]}
     tally=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error)' "$DIR/pytest.log" | tail -n 1 |

@@ -313,3 +313,23 @@ def test_long_waits_use_a_gloo_side_group_when_the_main_backend_is_not_gloo():
     for r in out:
         assert r["side"] and r["backend"] == "gloo" and r["cached"]
         assert r["got"] == "from 0" and r["gathered"] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "step, last, preempted, every, expect",
+    [
+        (10, False, False, 10, True),  # periodic
+        (11, False, False, 10, False),
+        (20, True, False, 10, False),  # the last step is saved by the finish, with its metric
+        (20, True, True, 10, True),  # a preemption at the last step still saves
+        (7, False, True, None, True),  # a preemption saves without a cadence
+        (7, False, False, None, False),
+    ],
+)
+def test_when_to_save(tmp_path, step, last, preempted, every, expect):
+    cfg = load_config(None, [f"checkpoint.every_steps={'null' if every is None else every}"])
+    m = ck.CheckpointManager(tmp_path, cfg, {})
+    assert m.should_save(step, last, preempted) is expect
+    assert m.needs_final_save(step)
+    m.mark_loaded(step, tmp_path / "checkpoints" / ck.step_dir_name(step))
+    assert not m.needs_final_save(step) and m.needs_final_save(step + 1)

@@ -15,13 +15,9 @@ import pytest
 import torch
 from multirank import run_distributed
 
+from trainer.batch import BatchPlan
 from trainer.config import load_config
 from trainer.engine import DDPEngine, DeepSpeedEngine, _add_loss
-
-try:
-    from trainer.batch import BatchPlan
-except ImportError:  # before the helpers moved out of deepspeed_config
-    from trainer.deepspeed_config import BatchPlan
 
 CPU = torch.device("cpu")
 LR = 0.2

@@ -41,6 +41,7 @@ from conftest import ROOT, SHARED_DATA, base_env, read_jsonl, results, train_los
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.slow,  # real processes: the CLI, torchrun
     pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device"),
 ]
 

@@ -22,7 +22,11 @@ import torch
 from conftest import ROOT, TINY, base_env, zerotune
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device"),
+]
 SHORT = ["--set", "train.max_steps=3", "--set", "checkpoint.every_steps=null"]
 
 

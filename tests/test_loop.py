@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def imported_once():
     import trainer.loop  # noqa: F401
 
 
-def _train(run_dir: str, cache: str, overrides: list[str]) -> int:
+def _train(run_dir: str, cache: str, overrides: list[str], resume: str = "auto") -> int:
     from trainer.config import load_config
     from trainer.env import detect_env
     from trainer.loop import Trainer
@@ -46,14 +47,13 @@ def _train(run_dir: str, cache: str, overrides: list[str]) -> int:
     ]
     cfg = load_config(TINY, sets)
     env = detect_env(os.environ)
-    return int(Trainer(cfg, env, torch.device("cpu"), __import__("pathlib").Path(run_dir)).run())
+    return int(Trainer(cfg, env, torch.device("cpu"), Path(run_dir), resume).run())
 
 
-def _run(tmp_path, name: str, *overrides: str):
+def _run(tmp_path, name: str, *overrides: str, resume: str = "auto"):
     d = tmp_path / name
-    codes = run_distributed(
-        _train, 2, str(d), str(tmp_path / "cache"), list(overrides), timeout=300
-    )
+    cache = str(tmp_path / "cache")
+    codes = run_distributed(_train, 2, str(d), cache, list(overrides), resume, timeout=300)
     assert codes == [0, 0]
     return d, json.loads((d / "results.json").read_text())
 
@@ -72,6 +72,12 @@ def test_loop_trains_evaluates_checkpoints_and_reports_every_split(tmp_path):
     assert (d / "classification_report.txt").is_file()
     assert (d / "classification_report_test.txt").is_file()
     assert r["best"]["metric"] == "accuracy" and r["best"]["step"] in (6, 12)
+    # each checkpoint carries the score of the evaluation at its step (keep_best ranks them)
+    for step, ev in ((x["step"], x) for x in recs if x["kind"] == "eval"):
+        manifest = json.loads(
+            (d / "checkpoints" / f"step_{step:08d}" / "manifest.json").read_text()
+        )
+        assert manifest["metric"] == {"name": "accuracy", "value": ev["accuracy"]}
     # final/ is the export of the last checkpoint: fp32, and it reproduces the evaluation
     from safetensors import safe_open
 
@@ -100,3 +106,25 @@ def test_resumed_finished_run_only_reevaluates(tmp_path):
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before
     assert second["validation"] == first["validation"]
     assert second["param_digests"] == first["param_digests"]
+
+
+def test_early_stopped_run_started_again_trains_no_further(tmp_path):
+    """Patience 1 on evaluations every 2 steps stops the run early (the tiny model's loss
+    wobbles on its plateau); running it again trains no further step and saves nothing."""
+    sets = ("eval.every_steps=2", "eval.metric=loss", "eval.early_stopping_patience=1")
+    d, first = _run(tmp_path, "early", *sets, "checkpoint.every_steps=2")
+    assert first["stopped_early"] and first["steps"] < 12
+    before = sorted(p.name for p in (d / "checkpoints").iterdir())
+    _, again = _run(tmp_path, "early", *sets, "checkpoint.every_steps=2")
+    assert again["stopped_early"] and again["steps"] == first["steps"]
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before
+
+
+def test_resume_from_another_runs_checkpoint_finishes_and_exports_it(tmp_path):
+    src, first = _run(tmp_path, "source")
+    ckpt = src / "checkpoints" / "step_00000012"
+    d, r = _run(tmp_path, "copy", resume=str(ckpt))
+    assert r["steps"] == 12 and r["param_digests"] == first["param_digests"]
+    assert (d / "final" / "model.safetensors").read_bytes() == (
+        src / "final" / "model.safetensors"
+    ).read_bytes()

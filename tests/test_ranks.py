@@ -23,6 +23,7 @@ import torch
 from multirank import RankFailure, run_distributed
 
 from trainer import checkpoint as ckpt_mod
+from trainer.batch import resolve_batch
 from trainer.config import load_config
 from trainer.data import GlobalBatchPlan, eval_shards
 from trainer.distributed import (
@@ -35,11 +36,6 @@ from trainer.distributed import (
     get_world_size,
 )
 from trainer.engine import build_engine
-
-try:
-    from trainer.batch import resolve_batch
-except ImportError:  # before the helpers moved out of deepspeed_config
-    from trainer.deepspeed_config import resolve_batch
 
 from conftest import TINY
 

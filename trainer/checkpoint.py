@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,24 +232,35 @@ def resolve_resume(run_dir: Path, resume: str, level: str = "checksum", warn=pri
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, cfg: RunConfig, extra_manifest: dict[str, Any]):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: RunConfig,
+        extra_manifest: dict[str, Any],
+        hf_writer: Callable[[Path], None] | None = None,
+    ):
         self.root = run_dir / "checkpoints"
         self.cfg = cfg
         self.extra = extra_manifest
         self.rank = get_rank()
         self.world = get_world_size()
-        self.hf_writer = None  # writes model config + tokenizer into a checkpoint (rank 0)
-        self.last_saved: int | None = None  # the newest step on disk (saved, or resumed from)
+        self.hf_writer = hf_writer  # writes model config + tokenizer into a checkpoint (rank 0)
+        # (step, directory) of the newest checkpoint this run has: saved, or resumed from
+        self.newest: tuple[int, Path] | None = None
+
+    def mark_loaded(self, step: int, ckpt: Path) -> None:
+        """The run resumed from ``ckpt``: it is not saved again, and the finish exports it."""
+        self.newest = (step, ckpt)
 
     def should_save(self, step: int, last: bool, preempted: bool = False) -> bool:
-        """A periodic or preemption save during training; the last step is saved by the
-        finish (``needs_final_save``) after its final evaluation, so it carries the metric."""
-        due = bool(self.cfg.checkpoint.every_steps) and step % self.cfg.checkpoint.every_steps == 0
-        return (due or preempted) and not last
+        """A periodic save during training (the last step's is made by the finish after its
+        final evaluation, so it carries the metric), or a preemption save at any step."""
+        every = self.cfg.checkpoint.every_steps
+        return (bool(every) and step % every == 0 and not last) or preempted
 
     def needs_final_save(self, step: int) -> bool:
         """False when ``step`` is already on disk (a finished run resumed: nothing to re-save)."""
-        return self.last_saved != step
+        return self.newest is None or self.newest[0] != step
 
     def clean_stale(self) -> None:
         """Leftover ``.tmp`` folders from a crash are never loaded; remove them at start."""
@@ -322,7 +334,7 @@ class CheckpointManager:
             fsync_dir(self.root)
             self.apply_retention(protect=final)
         barrier(long=True)  # rank 0's commit and retention (deleting old checkpoints) are done
-        self.last_saved = step
+        self.newest = (step, final)
         return {
             "save_seconds": time.perf_counter() - t0,
             "size_mb": size / 2**20,

@@ -27,6 +27,11 @@ from pydantic import (
 DEMO_CONFIG_NAME = "demo"
 
 
+# data.* keys that say how batches are loaded, not what is trained on: outside the
+# tokenisation cache key and the config hash
+LOADER_KEYS = frozenset({"num_workers", "prefetch_factor", "pin_memory"})
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; ``problems`` holds one line per issue."""
 
@@ -68,7 +73,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str = Field(
         "builtin:sentiment",
-        description="Hub dataset, local csv/tsv/json/jsonl/parquet file, or builtin:sentiment / builtin:echo",
+        description="Hub dataset, local csv/tsv/json/jsonl/parquet file, CoNLL-style .conll/.iob/.bio "
+        "(token_classification), or builtin:sentiment / builtin:echo / builtin:ner",
     )
     validation: str | None = Field(
         None, description="Validation split (same forms); default: carved from train"
@@ -91,6 +97,10 @@ class DataConfig(_Section):
         None, description="causal_lm: prompt column (loss on the response only)"
     )
     response_column: str | None = Field(None, description="causal_lm: response column")
+    tokens_column: str = Field("tokens", description="token_classification: column of word lists")
+    tags_column: str = Field(
+        "tags", description="token_classification: column of tag lists (BIO / IOBES strings)"
+    )
     max_length: int = Field(128, ge=8, description="Truncate sequences to this many tokens")
     validation_fraction: float = Field(
         0.1,
@@ -160,7 +170,8 @@ class EvalConfig(_Section):
         None, ge=1, description="Evaluate every N optimizer steps (and always at the end)"
     )
     metric: str | None = Field(
-        None, description="Metric for best step / early stopping; default accuracy or loss"
+        None,
+        description="Metric for best step / early stopping; default the task's (accuracy, loss, f1)",
     )
     mode: Literal["max", "min"] | None = Field(
         None, description="Whether larger metric is better; default from the metric"
@@ -205,6 +216,43 @@ class LoggingConfig(_Section):
     )
 
 
+class PeftConfig(_Section):
+    """Parameter-efficient fine-tuning through the ``peft`` library (trainer/adapters.py)."""
+
+    method: Literal["lora", "adalora"] | None = Field(
+        None,
+        description="lora or adalora: train low-rank adapters on a frozen base; null: update every weight",
+    )
+    r: int = Field(
+        8, ge=1, description="LoRA rank; adalora: the initial rank of every adapted matrix"
+    )
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling: the update is alpha / r × B A")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapters' input")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Modules that get adapters; default per model_type: BERT-like query,value; "
+        "GPT-2 c_attn; LLaMA-like q_proj,v_proj (see trainer/adapters.py TARGET_MODULES)",
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full beside the adapters; default: the task head for "
+        "classification tasks (e.g. classifier / score), none for causal_lm",
+    )
+    target_r: int = Field(
+        4, ge=1, description="adalora: average rank per matrix after the budget has shrunk"
+    )
+    tinit: int = Field(
+        0, ge=0, description="adalora: steps before the rank budget starts shrinking"
+    )
+    tfinal: int = Field(
+        0, ge=0, description="adalora: last steps trained at the final rank pattern"
+    )
+    delta_t: int = Field(1, ge=1, description="adalora: steps between two budget allocations")
+    orth_reg_weight: float = Field(
+        0.5, ge=0.0, description="adalora: weight of the orthogonality regulariser in the loss"
+    )
+
+
 class LaunchConfig(_Section):
     nproc_per_node: int | Literal["auto"] = Field(
         "auto", description="Ranks per node when zerotune spawns them"
@@ -224,7 +272,10 @@ class LaunchConfig(_Section):
 class RunConfig(_Section):
     """The whole run. Every field has a description that doubles as help text."""
 
-    task: Literal["classification", "causal_lm"] = "classification"
+    task: Literal["classification", "causal_lm", "token_classification"] = Field(
+        "classification",
+        description="classification (text → label), causal_lm, or token_classification (words → BIO tags)",
+    )
     engine: Literal["deepspeed", "ddp"] = Field(
         "deepspeed", description="deepspeed, or plain torch DDP as a baseline"
     )
@@ -240,6 +291,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -257,6 +309,10 @@ class RunConfig(_Section):
         if self.engine == "ddp" and self.deepspeed_config:
             problems.append("deepspeed_config is only used with engine=deepspeed")
         problems += self.task_class().config_problems(self)
+        if self.peft.method == "adalora" and self.peft.target_r > self.peft.r:
+            problems.append(
+                f"peft.target_r={self.peft.target_r} is larger than peft.r={self.peft.r}: AdaLoRA only prunes ranks"
+            )
         if self.eval.mode is not None and self.eval.metric is None:
             problems.append("eval.mode is set but eval.metric is not")
         for sig in self.launch.preemption_signals:
@@ -287,7 +343,7 @@ class RunConfig(_Section):
         for k in ("logging", "launch"):
             d.pop(k, None)
         d["checkpoint"] = {}
-        for k in ("num_workers", "prefetch_factor", "pin_memory"):  # how, not what, is loaded
+        for k in LOADER_KEYS:  # how, not what, is loaded
             d["data"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

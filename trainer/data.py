@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import LOADER_KEYS, ConfigError, RunConfig
 from .tasks import LabelInfo, build_task
 
 LOCAL_FORMATS = {
@@ -391,9 +391,6 @@ class StepBatchSampler:
         return (self.stop - self.start) * self.accum
 
 
-LOADER_KEYS = frozenset({"num_workers", "prefetch_factor", "pin_memory"})
-
-
 def loader_options(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     """``DataLoader`` keywords: collation runs in worker processes (1 on CPU, where it only
     has to stay off the step; 2 on GPU, pinned, so the next batch is ready and its copy to the
@@ -427,7 +424,6 @@ def eval_loader(dataset, rank: int, world: int, micro: int, collate, options: di
         dataset,
         batch_sampler=[idx for idx, _ in shards],
         collate_fn=collate,
-        persistent_workers=options["num_workers"] > 0,
         **options,
     )
     return loader, [torch.tensor(valid) for _, valid in shards]

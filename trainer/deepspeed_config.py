@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .batch import BatchPlan
-from .batch import resolve_batch as resolve_batch  # TEMPORARY: loop.py imports it from here
 from .config import ConfigError, RunConfig
-from .ops import BuildEnv, detect_build_env, optimizer_plan
+from .ops import BuildEnv, OptimizerPlan, optimizer_plan
 
 _MISSING = object()
-
-
-def use_deepspeed_optimizer(cfg: RunConfig, on_gpu: bool, build: BuildEnv | None = None) -> bool:
-    """DeepSpeed's optimizer only when asked for, or (offload, auto) when its op is pre-built;
-    otherwise torch's AdamW, fused on GPU: the default path never JIT-compiles (trainer/ops.py)."""
-    return optimizer_plan(cfg, on_gpu, build or detect_build_env()).deepspeed
 
 
 def generate(
@@ -32,10 +25,14 @@ def generate(
     on_gpu: bool,
     load_universal: bool = False,
     build: BuildEnv | None = None,
+    opt: OptimizerPlan | None = None,
 ) -> dict[str, Any]:
-    """Raises ConfigError when the optimizer would need a JIT build that cannot succeed here."""
+    """Raises ConfigError when the optimizer would need a JIT build that cannot succeed here.
+
+    ``opt``: the engine's ``optimizer_plan`` (computed once, trainer/ops.py); else computed here.
+    """
     t = cfg.train
-    opt = optimizer_plan(cfg, on_gpu, build or detect_build_env())
+    opt = opt or optimizer_plan(cfg, on_gpu, build)
     if opt.problem:
         raise ConfigError(opt.problem)
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
@@ -71,11 +68,7 @@ def generate(
         "zero_force_ds_cpu_optimizer": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    if cfg.precision == "bf16" and cfg.zero.stage >= 1:
-        # bf16 gradients summed over micro-batches in bf16 lose the small contributions.
-        # DeepSpeed 0.19 accumulates in fp32 at ZeRO-1 (its BF16_Optimizer: fp32 gradients of
-        # the whole model on every rank), ZeRO-2 and 3 (fp32 gradient partitions); at ZeRO-0
-        # it refuses the mix ("unsupported mix of model_dtype and grad_accum_dtype").
+    if fp32_accumulation(cfg, plan):
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if opt.deepspeed:
         ds["optimizer"] = {
@@ -88,6 +81,41 @@ def generate(
             },
         }
     return ds
+
+
+def fp32_accumulation(cfg: RunConfig, plan: BatchPlan) -> bool:
+    """bf16 gradients accumulated over micro-batches in fp32 (``data_types.grad_accum_dtype``).
+
+    bf16 gradients summed over micro-batches in bf16 lose the small contributions. DeepSpeed
+    0.19 accumulates in fp32 at ZeRO-2 and 3 (fp32 gradient partitions: +4 B/param ÷ world)
+    and refuses the mix at ZeRO-0 ("unsupported mix of model_dtype and grad_accum_dtype"). At
+    ZeRO-1 (without optimizer offload) it switches to its BF16_Optimizer: fp32 gradients of
+    the whole model on every rank (+4 B/param, not sharded), all-reduced in fp32, and a
+    ``bf16_zero_*`` checkpoint layout — worth it only when there is something to accumulate,
+    so ZeRO-1 asks for it only when the plan accumulates (accumulation > 1).
+    """
+    if cfg.engine != "deepspeed" or cfg.precision != "bf16" or cfg.zero.stage == 0:
+        return False
+    return cfg.zero.stage >= 2 or plan.accum > 1
+
+
+def accumulation_note(cfg: RunConfig, ds: dict[str, Any]) -> str | None:
+    """Pre-flight: the memory the fp32 accumulation costs where it is not sharded (ZeRO-1)."""
+    accum = ds.get("data_types", {}).get("grad_accum_dtype")
+    if not (
+        cfg.precision == "bf16"
+        and cfg.zero.stage == 1
+        and not cfg.zero.offload_optimizer
+        and accum in ("fp32", "float32")
+    ):
+        return None
+    return (
+        f"bf16 at ZeRO-1 with gradient accumulation {ds.get('gradient_accumulation_steps')}: gradients "
+        "accumulate in fp32 (DeepSpeed's BF16_Optimizer), which keeps fp32 gradients of the whole model "
+        "on every rank (+4 B/param, not sharded) and all-reduces them in fp32; zero.stage=2 shards them, "
+        'or a deepspeed_config JSON with "data_types": {"grad_accum_dtype": "bf16"} trades the precision '
+        "back for memory"
+    )
 
 
 # DeepSpeed key path → the YAML key that owns it (for conflict messages).
@@ -190,8 +218,9 @@ def build_deepspeed_config(
     on_gpu: bool,
     load_universal: bool = False,
     build: BuildEnv | None = None,
+    opt: OptimizerPlan | None = None,
 ) -> dict[str, Any]:
-    generated = generate(cfg, plan, on_gpu, load_universal, build)
+    generated = generate(cfg, plan, on_gpu, load_universal, build, opt)
     if not cfg.deepspeed_config:
         return generated
     path = Path(cfg.deepspeed_config)
@@ -224,7 +253,7 @@ def _check_user_optimizer(
     forced = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"optimizer_impl": "deepspeed"})}
     )
-    problem = optimizer_plan(forced, on_gpu, build or detect_build_env()).problem
+    problem = optimizer_plan(forced, on_gpu, build).problem
     if problem:
         raise ConfigError(
             f'{path}: its "optimizer" section makes DeepSpeed build its own Adam '

@@ -57,9 +57,13 @@ class Evaluator:
             for split, ds in splits.items()
         }
 
-    def should_evaluate(self, step: int, last: bool) -> bool:
-        """Periodic evaluations; the last step's is the final one, run by the finish."""
-        return bool(self.every) and step % self.every == 0 and not last
+    def should_evaluate(self, step: int, last: bool, preempted: bool = False) -> bool:
+        """Periodic evaluations; the last step's is the final one, run by the finish; none
+        when preempted (the signal's lead time is for the checkpoint)."""
+        return bool(self.every) and step % self.every == 0 and not last and not preempted
+
+    def has_split(self, split: str) -> bool:
+        return split in self.loaders
 
     @torch.no_grad()
     def evaluate(self, split: str) -> EvalResult:
@@ -67,9 +71,12 @@ class Evaluator:
         loader, valid = self.loaders[split]
         self.engine.eval()
         acc = self.task.evaluation(self.engine.device, self.labels)
-        extra = self.task.eval_columns  # read by the evaluation, not by the model
+        # labels and the task's evaluation-only columns stay out of the forward: the model
+        # would otherwise compute its own loss (for a causal LM a second fp32 copy of the
+        # [batch, seq, vocab] logits); the task's evaluation computes it from the logits
+        hidden = {"labels", *self.task.eval_columns}
         for batch, keep in zip(loader, valid):
-            out = self.engine.forward({k: v for k, v in batch.items() if k not in extra})
+            out = self.engine.forward({k: v for k, v in batch.items() if k not in hidden})
             acc.update(out.logits, batch, keep.to(out.logits.device))
         self.engine.train()
         return acc.compute()

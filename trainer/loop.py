@@ -17,7 +17,7 @@ import resource
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,7 @@ class TrainerState:
     acc_loss: float = 0.0
     acc_steps: int = 0
     acc_tokens: int = 0
-    acc_samples: int = 0
     stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)  # checkpoint figures
 
     def as_dict(self, epoch: int, world: int, global_batch: int) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -76,6 +74,27 @@ class TrainerState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainerState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class StepTimes:
+    """Step durations after the first ``warmup`` steps (compile, caches), for the summary."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.times: list[float] = []
+
+    def record(self, step: int, seconds: float) -> None:
+        if step > self.warmup:
+            self.times.append(seconds)
+
+    def summary(self, global_batch: int) -> dict[str, Any]:
+        mean = sum(self.times) / len(self.times) if self.times else None
+        return {
+            "mean_step_time_s": mean,
+            "samples_per_s": global_batch / mean if mean else None,
+            "steps_timed": len(self.times),
+            "warmup_steps_excluded": self.warmup,
+        }
 
 
 def seed_everything(seed: int) -> None:
@@ -113,7 +132,7 @@ class Trainer:
         self.tokenizer = self.train_batches = self.engine = self.evaluator = None
         self.ckpts = self.sinks = self.flag = None
         self.num_parameters = 0
-        self.step_times: list[float] = []  # per step after the warm-up ones, for the summary
+        self.step_times = StepTimes(cfg.logging.warmup_steps_excluded)
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -151,19 +170,21 @@ class Trainer:
 
         # The resume point is decided before the engine exists: a new world size needs
         # DeepSpeed's universal loader switched on in its config.
-        self.ckpts = ckpt_mod.CheckpointManager(
-            self.run_dir, cfg, {"hostname": socket.gethostname()}
-        )
         resume_from = run_on_rank0(
             ckpt_mod.resolve_resume, self.run_dir, self.resume, cfg.checkpoint.verify, warn=self.log
         )
-        self.ckpts.clean_stale()
         load_dir, saved_world = self._resume_source(resume_from)
 
         seed_everything(cfg.train.seed)
         model = build_model(cfg, self.task, self.tokenizer, self.task.head_config(data.labels))
         self.num_parameters = sum(p.numel() for p in model.parameters())
-        self.ckpts.hf_writer = lambda d: save_hf_metadata(model.config, self.tokenizer, d)
+        self.ckpts = ckpt_mod.CheckpointManager(
+            self.run_dir,
+            cfg,
+            {"hostname": socket.gethostname()},
+            hf_writer=lambda d: save_hf_metadata(model.config, self.tokenizer, d),
+        )
+        self.ckpts.clean_stale()
         universal = load_dir is not None and load_dir != resume_from
         self.engine = build_engine(
             cfg, model, self.plan, self.total, self.device, load_universal=universal
@@ -222,7 +243,7 @@ class Trainer:
         self.state = TrainerState.from_dict(saved)
         if rng is not None:
             ckpt_mod.set_rng_state(rng)
-        self.ckpts.last_saved = self.state.step  # what was loaded is not saved again
+        self.ckpts.mark_loaded(self.state.step, resume_from)
         seconds = time.perf_counter() - t0
         self.log(
             f"resumed from {resume_from} at step {self.state.step} ({self.state.samples_seen} samples seen; "
@@ -235,7 +256,8 @@ class Trainer:
         state, engine, cfg = self.state, self.engine, self.cfg
         batches = iter(self.train_batches)
         engine.train()
-        while state.step < self.total:
+        metric = None  # of an evaluation at this step: the checkpoint's score for keep_best
+        while state.step < self.total and not state.stopped_early:
             t0 = time.perf_counter()
             micro_batches = [next(batches) for _ in range(self.plan.accum)]
             result = engine.train_step(micro_batches)
@@ -245,9 +267,7 @@ class Trainer:
             state.acc_loss += result.loss
             state.acc_steps += 1
             state.acc_tokens += sum(count_tokens(b) for b in micro_batches)
-            state.acc_samples += self.plan.global_batch
-            if state.step > cfg.logging.warmup_steps_excluded:
-                self.step_times.append(dt)
+            self.step_times.record(state.step, dt)
             faults.maybe_fail("step", state.step)
 
             last = state.step == self.total
@@ -257,12 +277,14 @@ class Trainer:
                 self.sinks.progress(state.step)
 
             preempted = any_rank(self.flag.set, self.device)
-            if self.evaluator.should_evaluate(state.step, last):
+            metric = None
+            if self.evaluator.should_evaluate(state.step, last, preempted):
                 ev = self.evaluator.evaluate("validation")
                 self.sinks.log(state.step, ev.metrics, "eval")
                 self.evaluator.track(state, ev, state.step)
+                metric = ev.metrics[self.evaluator.metric]
             if self.ckpts.should_save(state.step, last, preempted):
-                self._save()
+                self._save(metric)
             if preempted:
                 self.log(
                     f"preemption signal ({self.flag.received or 'on another rank'}): "
@@ -297,7 +319,7 @@ class Trainer:
             **memory_stats(self.device),
         }
         self.sinks.log(state.step, {k: v for k, v in values.items() if v is not None}, "train")
-        state.acc_loss, state.acc_steps, state.acc_tokens, state.acc_samples = 0.0, 0, 0, 0
+        state.acc_loss, state.acc_steps, state.acc_tokens = 0.0, 0, 0
 
     def _save(self, metric: float | None = None) -> None:
         epoch, _ = self.sampler.position(self.state.step)
@@ -332,31 +354,33 @@ class Trainer:
         self.sinks.log(state.step, final.metrics, "eval")
         ev.track(state, final, state.step, final=True)
         test = None
-        if "test" in ev.loaders:
+        if ev.has_split("test"):
             test = ev.evaluate("test")
             self.sinks.log(state.step, test.metrics, "test")
         if self.ckpts.needs_final_save(state.step):
             self._save(final.metrics.get(ev.metric))
         prints = all_gather_object(fingerprint(self.engine.module))
         rss = all_gather_object([rss_train, peak_rss_gb()])
-        if self.rank == 0:
-            if self.cfg.checkpoint.export_final:
-                # final/ is `zerotune export` of the last checkpoint, made by rank 0 from the
-                # files: fp32 master weights, one parameter at a time; no rank gathers the model
-                ckpt = self.ckpts.root / ckpt_mod.step_dir_name(state.step)
-                export_checkpoint(ckpt, self.run_dir / "final")
-            results = self._results(final, test, prints, rss)
-            write_json_atomic(self.run_dir / "results.json", results)
-            for split, r in (("validation", final), ("test", test)):
-                text = self.task.report_text(r.report) if r is not None and r.report else None
-                if text:
-                    suffix = "" if split == "validation" else f"_{split}"
-                    (self.run_dir / f"{self.task.report_file}{suffix}.txt").write_text(text + "\n")
-            self.sinks.log_hparams(
-                self._hparams(), {f"validation_{k}": v for k, v in final.metrics.items()}
-            )
-            self._summary(results)
-        barrier(long=True)  # rank 0's export can take long for a large model
+        # rank 0 writes final/ and the reports while the others wait on the long group; an
+        # error there is raised on every rank instead of leaving them waiting
+        run_on_rank0(self._write_outputs, final, test, prints, rss)
+
+    def _write_outputs(self, final: EvalResult, test: EvalResult | None, prints, rss) -> None:
+        if self.cfg.checkpoint.export_final:
+            # final/ is `zerotune export` of the newest checkpoint, made from its files: fp32
+            # master weights, one parameter at a time; no rank ever gathers the whole model
+            export_checkpoint(self.ckpts.newest[1], self.run_dir / "final")
+        results = self._results(final, test, prints, rss)
+        write_json_atomic(self.run_dir / "results.json", results)
+        for split, r in (("validation", final), ("test", test)):
+            text = self.task.report_text(r.report) if r is not None and r.report else None
+            if text:
+                suffix = "" if split == "validation" else f"_{split}"
+                (self.run_dir / f"{self.task.report_file}{suffix}.txt").write_text(text + "\n")
+        self.sinks.log_hparams(
+            self._hparams(), {f"validation_{k}": v for k, v in final.metrics.items()}
+        )
+        self._summary(results)
 
     def close(self, preempted: bool) -> None:
         if self.flag is not None:
@@ -400,8 +424,7 @@ class Trainer:
     def _results(
         self, final: EvalResult, test: EvalResult | None, prints: list[dict], rss: list
     ) -> dict[str, Any]:
-        state, times = self.state, self.step_times
-        mean_step = sum(times) / len(times) if times else None
+        state = self.state
         results = {
             "steps": state.step,
             "total_steps": self.total,
@@ -415,12 +438,7 @@ class Trainer:
                 "value": state.best_metric,
                 "step": state.best_step,
             },
-            "throughput": {
-                "mean_step_time_s": mean_step,
-                "samples_per_s": self.plan.global_batch / mean_step if mean_step else None,
-                "steps_timed": len(times),
-                "warmup_steps_excluded": self.cfg.logging.warmup_steps_excluded,
-            },
+            "throughput": self.step_times.summary(self.plan.global_batch),
             "memory": {
                 "host_peak_rss_gb_train": [r[0] for r in rss],  # per rank, at the end of the loop
                 "host_peak_rss_gb_end": [r[1] for r in rss],  # per rank, after the finish
