@@ -25,6 +25,14 @@ from trainer.devices import accelerator_warning
 from trainer.process import ExitCode
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+RENDEZVOUS_HINT = (
+    "doctor: hint: every rank must reach MASTER_ADDR:MASTER_PORT (rank 0's host; check the "
+    "firewall and that MASTER_ADDR is the first host of the allocation). On GPU the ranks also "
+    "connect to each other over TCP for a gloo side group (long waits) besides NCCL: where a "
+    "hostname resolves to an interface the other nodes cannot reach (a management network, "
+    "docker0, 127.0.1.1), set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) to the interface "
+    "that connects the nodes, e.g. export GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0"
+)
 
 
 def add_parser(sub) -> None:
@@ -59,25 +67,15 @@ def run(args) -> int:
 
 def _spawn(args) -> int:
     """N local ranks of ``python -m launcher doctor`` under torch's elastic agent."""
-    from .spawn import run_torchrun
+    from .spawn import AGENT_SIGNALS, run_torchrun, torchrun_args
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    argv = [
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(args.nproc_per_node),
-        "--max-restarts",
-        "0",
-        "--module",
+    argv = torchrun_args(
+        args.nproc_per_node,
         "launcher",
-        "doctor",
-        "--size-mb",
-        str(args.size_mb),
-        "--iters",
-        str(args.iters),
-    ]
+        ["doctor", "--size-mb", str(args.size_mb), "--iters", str(args.iters)],
+        signals_to_handle=AGENT_SIGNALS,
+    )
     return run_torchrun(argv, prog="doctor")
 
 
@@ -129,12 +127,12 @@ def _versions() -> dict[str, str]:
 
 def check_ranks(env, size_mb: float, iters: int) -> int:
     import torch
-    import torch.distributed as dist
 
     from trainer.config import ConfigError
+    from trainer.devices import backend_for_device
     from trainer.distributed import (
+        AgreedConfigError,
         all_gather_object,
-        backend_for,
         destroy,
         device_for,
         init_distributed,
@@ -149,22 +147,27 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
         return ExitCode.FAILED
     try:
         device = device_for(env)
-        backend = backend_for(device)
+    except ConfigError:  # init_distributed reports it, from every rank's record
+        device = torch.device("cpu")
+    backend = backend_for_device(device.type == "cuda")
+    try:
         # before the group exists: importing deepspeed after a gloo group was made lets the
         # process abort at exit now and then ("terminate called without an active exception")
         ops = _ops_lines(device)
         env, device = init_distributed(env, timeout_minutes=2)
-    except ConfigError as e:  # device binding (shared or missing GPUs): the finding
-        if env.rank == 0 or not dist.is_initialized():
+    except ConfigError as e:  # device binding (shared, missing or mixed GPUs): the finding
+        # agreed from every rank's record: rank 0 reports for all; else each for itself
+        if env.rank == 0 or not isinstance(e, AgreedConfigError):
             print(f"doctor: FAILED: rank {env.rank}: {e}", file=sys.stderr)
         destroy()
         return ExitCode.FAILED
     except Exception as e:  # a rendezvous that fails is the finding, not a crash
         print(
             f"doctor: rank {env.rank}: init_process_group({backend}) via {os.environ.get('MASTER_ADDR')}:"
-            f"{os.environ.get('MASTER_PORT')} failed: {e}",
+            f"{os.environ.get('MASTER_PORT')} failed: {e}\n{RENDEZVOUS_HINT}",
             file=sys.stderr,
         )
+        destroy()
         return ExitCode.FAILED
     try:
         rank, world = env.rank, env.world_size
@@ -213,11 +216,11 @@ def check_ranks(env, size_mb: float, iters: int) -> int:
 
 def _ops_lines(device) -> list[str]:
     """DeepSpeed's optimizer ops here: pre-built, compatible, and what a JIT build would need."""
+    from trainer.distributed import configure_cpu_deepspeed
     from trainer.ops import compatible_ops, describe, detect_build_env
 
-    if device.type != "cuda":
-        # DeepSpeed's CPU accelerator, as the trainer picks it (without probing every op)
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's accelerator as the trainer picks it (CPU: without probing every op)
+    configure_cpu_deepspeed(device)
     try:
         compatible = compatible_ops()
     except ImportError:

@@ -24,15 +24,21 @@ def trainer_args(config: str | None, overrides: list[str], run_dir: Path, resume
     return args + ["--run-dir", str(run_dir), "--resume", resume]
 
 
+# SIGTERM and SIGUSR1 are forwarded to the training ranks by forward_preemption_signals: the
+# ranks checkpoint and exit 75 rather than the agent tearing them down
+TRAIN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+# torch's default: the agent tears its ranks down on any of these (``zerotune doctor``)
+AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+
+
 def torchrun_args(
-    nproc: int, config: str | None, overrides: list[str], run_dir: Path, resume: str
+    nproc: int, module: str, args: list[str], signals_to_handle: str = TRAIN_SIGNALS
 ) -> list[str]:
+    """``torch.distributed.run`` arguments: ``nproc`` local ranks of ``python -m module *args``."""
     return [
         "--standalone",
-        # SIGTERM and SIGUSR1 are forwarded to the ranks by forward_preemption_signals: the
-        # ranks checkpoint and exit 75 rather than the agent tearing them down
         "--signals-to-handle",
-        "SIGINT,SIGHUP,SIGQUIT",
+        signals_to_handle,
         "--nnodes",
         "1",
         "--nproc-per-node",
@@ -40,8 +46,8 @@ def torchrun_args(
         "--max-restarts",
         "0",
         "--module",
-        "trainer",
-        *trainer_args(config, overrides, run_dir, resume),
+        module,
+        *args,
     ]
 
 
@@ -110,4 +116,6 @@ def spawn(
 ) -> ExitCode:
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_rank(nproc)))
     forward_preemption_signals(preemption_signals)
-    return run_torchrun(torchrun_args(nproc, config, overrides, run_dir, resume), run_dir)
+    return run_torchrun(
+        torchrun_args(nproc, "trainer", trainer_args(config, overrides, run_dir, resume)), run_dir
+    )

@@ -138,7 +138,7 @@ def test_real_cli_process_exit_code_and_rank_entry_point(tmp_path):
     assert p.returncode == 0 and "global batch 64" in p.stdout
 
 
-# Pre-flight on a GPU machine, faked: ``launcher.preflight.gpu_count`` says how many GPUs
+# Pre-flight on a GPU machine, faked: ``visible_gpu_count`` (as pre-flight imports it) says how many GPUs
 # this machine has (the only thing that cannot run here), and ``detect_build_env`` describes
 # a DeepSpeed install / CUDA toolkit (trainer/ops.py). Nothing spawns: each case is refused.
 
@@ -148,7 +148,7 @@ def fake_gpus(monkeypatch):
     import launcher.preflight as preflight
 
     def fake(n: int, build=None):
-        monkeypatch.setattr(preflight, "gpu_count", lambda: n)
+        monkeypatch.setattr(preflight, "visible_gpu_count", lambda: n)
         if build is not None:
             monkeypatch.setattr(preflight, "detect_build_env", lambda: build)
 
@@ -217,7 +217,7 @@ def test_slow_offload_optimizer_is_noted(capsys, fake_gpus):
     )
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "zerotune: note: zero.offload_*: torch AdamW steps the CPU shards" in out.err
+    assert "zerotune: note: zero.offload_optimizer: torch AdamW steps the CPU shards" in out.err
     assert "DS_BUILD_CPU_ADAM=1" in out.err
     assert out.out.rstrip().endswith("optimizer torch AdamW")  # not fused: CPU shards
 

@@ -285,13 +285,14 @@ def test_run_on_rank0_returns_its_result_everywhere_and_its_error_on_every_rank(
     assert [r.get("error") for r in failed] == ["step_7: checksum mismatch"] * 2
 
 
-def _long_waits_on_a_side_group() -> dict:
+def _long_waits_on_a_side_group(fake_nccl: bool) -> dict:
     import torch.distributed as dist
 
     from trainer import distributed as d
 
     real = dist.get_backend
-    dist.get_backend = lambda group=None: "nccl" if group is None else real(group)  # fake NCCL
+    if fake_nccl:
+        dist.get_backend = lambda group=None: "nccl" if group is None else real(group)
     d.init_long_group()
     group = d.long_group()
     d.barrier(long=True)
@@ -306,10 +307,12 @@ def _long_waits_on_a_side_group() -> dict:
     }
 
 
-def test_long_waits_use_a_gloo_side_group_when_the_main_backend_is_not_gloo():
-    """The main backend is faked as NCCL (CPU has none): a separate gloo group is made once
-    and the long barrier / broadcast / gather run on it. On gloo the default group serves."""
-    out = run_distributed(_long_waits_on_a_side_group, 2, timeout=60)
+@pytest.mark.parametrize("fake_nccl", [True, False])
+def test_long_waits_use_a_gloo_side_group_whatever_the_main_backend(fake_nccl):
+    """A separate gloo group is made once and the long barrier / broadcast / gather run on it:
+    with the main backend faked as NCCL (CPU has none) and on gloo alike — the rule must not
+    depend on anything that could differ between ranks (new_group is a collective)."""
+    out = run_distributed(_long_waits_on_a_side_group, 2, fake_nccl, timeout=60)
     for r in out:
         assert r["side"] and r["backend"] == "gloo" and r["cached"]
         assert r["got"] == "from 0" and r["gathered"] == [0, 1]
@@ -333,3 +336,20 @@ def test_when_to_save(tmp_path, step, last, preempted, every, expect):
     assert m.needs_final_save(step)
     m.mark_loaded(step, tmp_path / "checkpoints" / ck.step_dir_name(step))
     assert not m.needs_final_save(step) and m.needs_final_save(step + 1)
+
+
+def test_failed_conversion_and_foreign_folders_say_what_to_do(tmp_path, monkeypatch):
+    import trainer.universal
+    from trainer.export import export_checkpoint
+
+    ckpt = tmp_path / "step_00000004"
+    ckpt.mkdir()
+    monkeypatch.setattr(trainer.universal, "convert_to_universal", lambda ckpt, out: None)
+    with pytest.raises(ck.CheckpointError) as e:  # a conversion that left no DONE
+        ck.ensure_universal(ckpt)
+    assert f"delete the folder {ckpt / 'universal'}" in str(e.value)
+    assert "run the same command again" in str(e.value)
+    (ckpt / "manifest.json").write_text(json.dumps({"engine": "deepspeed", "zero_stage": 2}))
+    with pytest.raises(FileNotFoundError) as e:  # copied without its hf/ folder
+        export_checkpoint(ckpt, tmp_path / "out")
+    assert "RUN_DIR/checkpoints/step_N" in str(e.value) and "export a run directory" in str(e.value)

@@ -8,7 +8,7 @@ import pytest
 
 from trainer.batch import resolve_batch
 from trainer.config import ConfigError, load_config
-from trainer.deepspeed_config import build_deepspeed_config
+from trainer.deepspeed_config import accumulation_note, build_deepspeed_config
 
 
 def cfg(*overrides):
@@ -115,15 +115,40 @@ def test_shipped_presets_merge(tmp_path):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_bf16_accumulates_gradients_in_fp32_where_deepspeed_allows(stage, precision):
-    """DeepSpeed 0.19 takes grad_accum_dtype fp32 with bf16 at ZeRO-1/2/3 and refuses it at
-    ZeRO-0 (NotImplementedError: unsupported mix); fp32 needs none, fp16 keeps DeepSpeed's."""
-    c = cfg(f"zero.stage={stage}", f"precision={precision}")
-    ds = build_deepspeed_config(c, resolve_batch(c, 2), on_gpu=False)
-    if precision == "bf16" and stage >= 1:
+@pytest.mark.parametrize("accum", [1, 4])
+def test_bf16_accumulates_gradients_in_fp32_where_deepspeed_allows(stage, precision, accum):
+    """DeepSpeed 0.19 takes grad_accum_dtype fp32 with bf16 at ZeRO-2/3 (sharded fp32
+    gradients) and refuses it at ZeRO-0 (NotImplementedError: unsupported mix); at ZeRO-1 it
+    means BF16_Optimizer (fp32 gradients of the whole model on every rank), asked for only
+    when there is something to accumulate. fp32 needs none, fp16 keeps DeepSpeed's."""
+    c = cfg(
+        f"zero.stage={stage}",
+        f"precision={precision}",
+        "train.micro_batch_size=8",
+        f"train.global_batch_size={8 * 2 * accum}",
+    )
+    plan = resolve_batch(c, 2)
+    assert plan.accum == accum
+    ds = build_deepspeed_config(c, plan, on_gpu=False)
+    if precision == "bf16" and (stage >= 2 or (stage == 1 and accum > 1)):
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     else:
         assert "data_types" not in ds
+    note = accumulation_note(c, ds)
+    if precision == "bf16" and stage == 1 and accum > 1:
+        assert "+4 B/param, not sharded" in note and "gradient accumulation 4" in note
+    else:
+        assert note is None
+
+
+def test_preflight_notes_the_zero1_bf16_accumulation_memory():
+    from launcher.preflight import check
+
+    sets = ["zero.stage=1", "precision=bf16", "train.micro_batch_size=8"]
+    noted = check(None, [*sets, "train.global_batch_size=32"], nproc=2, check_data=False)
+    assert noted.ok and any("BF16_Optimizer" in n for n in noted.notes), noted.notes
+    quiet = check(None, [*sets, "train.global_batch_size=16"], nproc=2, check_data=False)
+    assert quiet.ok and not any("BF16_Optimizer" in n for n in quiet.notes), quiet.notes
 
 
 def test_user_json_may_choose_bf16_accumulation(tmp_path):

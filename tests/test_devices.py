@@ -1,7 +1,8 @@
 """Device binding, backend and accelerator rules as tables over environments (no GPU here).
 
 Only what cannot run on this CPU machine is faked, and each test says what: the number of
-visible GPUs (``visible_gpu_count``) and a ``cuda:N`` device object (never used for compute).
+visible GPUs (``visible_gpu_count``), a GPU's UUID (``gpu_uuid``) and a ``cuda:N`` device
+object (never used for compute).
 DeepSpeed's own code reads the exported variables wherever it can run on CPU: its engine's
 ``_configure_with_arguments`` (which asserts ``OMPI_COMM_WORLD_LOCAL_RANK == LOCAL_RANK``)
 and its CUDA accelerator's ``device_name(LOCAL_RANK)``, the device ``zero.Init`` and the
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from multirank import free_port, run_distributed
 
 from trainer import distributed, jobcheck
-from trainer.config import ConfigError
+from trainer.config import ConfigError, load_config
 from trainer.devices import (
     accelerator_warning,
     backend_for_device,
@@ -25,6 +28,7 @@ from trainer.devices import (
     config_wants_gpu,
     deepspeed_rank_vars,
     device_index,
+    fp16_problem,
     job_device_check,
     requested_gpus,
     shared_gpu_problem,
@@ -150,8 +154,14 @@ def test_modulo_sharing_is_refused_inside_the_rank(monkeypatch):
         distributed.device_for(env)
 
 
-def _rec(rank, host, uuid):
-    return {"rank": rank, "host": host, "device": "cuda:0" if uuid else "cpu", "uuid": uuid}
+def _rec(rank, host, uuid, problem=None):
+    return {
+        "rank": rank,
+        "host": host,
+        "device": "cuda:0" if uuid else "cpu",
+        "uuid": uuid,
+        "problem": problem,
+    }
 
 
 @pytest.mark.parametrize(
@@ -163,6 +173,15 @@ def _rec(rank, host, uuid):
         # srun --gpus-per-node=1 --ntasks-per-node=2: both tasks see "one GPU", the same one
         ([_rec(0, "a", "GPU-1"), _rec(1, "a", "GPU-1")], "ranks 0 and 1 share one GPU"),
         ([_rec(0, "a", "GPU-1"), _rec(1, "b", None)], "rank(s) [1] found no GPU"),
+        # a rank's own problem (its device rule refused) reaches every rank, grouped by text
+        (
+            [
+                _rec(0, "a", None, "sees 2 GPUs"),
+                _rec(1, "a", "GPU-1"),
+                _rec(2, "b", None, "sees 2 GPUs"),
+            ],
+            "rank(s) [0, 2] on a, b: sees 2 GPUs",
+        ),
     ],
 )
 def test_shared_gpu_problem_table(records, expect):
@@ -196,10 +215,93 @@ def test_backend_follows_device(on_gpu, requested, expect):
         assert backend_for_device(on_gpu, requested) == expect
 
 
-def test_backend_for_refuses_gloo_on_a_cuda_device():
-    """Faked: a cuda:0 device object (only its type is read)."""
-    with pytest.raises(ConfigError, match="need nccl"):
-        distributed.backend_for(torch.device("cuda", 0), "gloo")
+def _init_with_faked_gpus(port: int, gpus: dict[int, str]) -> dict:
+    """``init_distributed`` on this rank, as ``trainer.main`` calls it, with a fresh rendezvous.
+    Faked: rank r sees one GPU whose UUID is ``gpus[r]`` (``visible_gpu_count``, ``gpu_uuid``);
+    the others see none."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # the harness's group: init_distributed makes its own
+    rank = int(os.environ["RANK"])
+    os.environ["MASTER_PORT"] = str(port)
+    distributed.visible_gpu_count = lambda: 1 if rank in gpus else 0
+    distributed.gpu_uuid = lambda device: gpus[rank]
+    try:
+        env, device = distributed.init_distributed(detect_env(os.environ), timeout_minutes=1)
+    except ConfigError as e:
+        return {"error": str(e), "agreed": isinstance(e, distributed.AgreedConfigError)}
+    try:
+        group = distributed.long_group()
+        return {
+            "device": str(device),
+            "backend": dist.get_backend(),
+            "side_group": group is not None and group is not dist.group.WORLD,
+            "side_backend": dist.get_backend(group),
+            "gathered": distributed.all_gather_object(rank, long=True),
+        }
+    finally:
+        distributed.destroy()
+
+
+@pytest.mark.parametrize(
+    "gpus, expect",
+    [
+        ({0: "GPU-a"}, "rank(s) [1] found no GPU while the others use one"),  # nccl vs gloo
+        ({1: "GPU-a"}, "rank(s) [0] found no GPU while the others use one"),
+        ({0: "GPU-a", 1: "GPU-a"}, "ranks 0 and 1 share one GPU"),  # one host, one GPU, two ranks
+    ],
+)
+def test_ranks_that_disagree_on_the_device_stop_together(gpus, expect):
+    """Two in-process ranks; the rule that made CPU ranks pick gloo and GPU ranks nccl made
+    them wait for each other forever. The records now meet in the rendezvous store before any
+    process group exists: both ranks raise the same AgreedConfigError within seconds."""
+    out = run_distributed(_init_with_faked_gpus, 2, free_port(), gpus, timeout=60)
+    assert [r.get("agreed") for r in out] == [True, True], out
+    assert out[0]["error"] == out[1]["error"] and expect in out[0]["error"]
+
+
+def test_agreeing_ranks_get_a_gloo_side_group_whatever_the_backend():
+    """Both ranks on CPU (gloo): the group forms, and the side group for long waits exists
+    on gloo too (the same rule on every rank; gloo runs get its long timeout as well)."""
+    out = run_distributed(_init_with_faked_gpus, 2, free_port(), {}, timeout=60)
+    for r in out:
+        assert (r["device"], r["backend"], r["side_backend"]) == ("cpu", "gloo", "gloo"), r
+        assert r["side_group"] and r["gathered"] == [0, 1]
+
+
+def test_fp16_without_a_gpu_is_one_rule_in_one_wording(tmp_path):
+    """Pre-flight, the batch job's check and both engines say the same sentence."""
+    from launcher.preflight import check
+    from trainer.batch import BatchPlan
+    from trainer.engine import DDPEngine
+
+    message = fp16_problem("fp16", on_gpu=False)
+    assert "precision='fp16' is not supported on this device (cpu)" in message and "bf16" in message
+    assert fp16_problem("fp16", on_gpu=True) is None and fp16_problem("bf16", False) is None
+    assert message in check(None, ["precision=fp16"], nproc=1, check_data=False).problems
+    assert message in config_wants_gpu("fp16")
+    cfg = load_config(None, ["precision=fp16", "engine=ddp", "zero.stage=0"])
+    with pytest.raises(ConfigError) as e:
+        DDPEngine(cfg, torch.nn.Linear(2, 2), BatchPlan(1, 1, 1), 1, torch.device("cpu"))
+    assert str(e.value) == message
+
+
+def test_doctor_and_train_spawn_through_one_torchrun_argv():
+    from launcher.spawn import AGENT_SIGNALS, torchrun_args, trainer_args
+
+    doctor = torchrun_args(
+        2, "launcher", ["doctor", "--iters", "1"], signals_to_handle=AGENT_SIGNALS
+    )
+    train = torchrun_args(2, "trainer", trainer_args("c.yaml", ["a=1"], Path("r"), "auto"))
+    assert doctor[doctor.index("--module") :] == ["--module", "launcher", "doctor", "--iters", "1"]
+    assert train[train.index("--module") :] == [
+        "--module", "trainer", "c.yaml", "--set", "a=1", "--run-dir", "r", "--resume", "auto",
+    ]  # fmt: skip
+    assert (
+        doctor[: doctor.index("--signals-to-handle")] == train[: train.index("--signals-to-handle")]
+    )
+    assert "SIGTERM" in doctor[doctor.index("--signals-to-handle") + 1]
+    assert "SIGTERM" not in train[train.index("--signals-to-handle") + 1]  # forwarded: checkpoint
 
 
 @pytest.mark.parametrize(
@@ -242,9 +344,9 @@ def test_inherited_ds_accelerator_is_warned_on_a_gpu_rank(monkeypatch, capsys):
         ({"SLURM_JOB_GPUS": "0"}, 0, None, "SLURM_JOB_GPUS=0", "NO GPU"),  # GPU id 0 is a GPU
         ({"SLURM_TRES_PER_TASK": "cpu=4,gres/gpu=1"}, 0, None, "SLURM_TRES_PER_TASK", "NO GPU"),
         ({"ZEROTUNE_REQUIRE_GPU": "1"}, 0, None, "unset ZEROTUNE_REQUIRE_GPU", "NO GPU"),
-        ({}, 0, "precision=fp16 needs a GPU", "precision=bf16 or fp32", "NO GPU"),
+        ({}, 0, fp16_problem("fp16", False), "precision=bf16 or fp32", "NO GPU"),
         ({"SLURM_GPUS_PER_NODE": "4"}, 4, None, None, "device: 4 GPU(s)"),
-        ({}, 2, "precision=fp16 needs a GPU", None, "device: 2 GPU(s)"),
+        ({}, 2, fp16_problem("fp16", False), None, "device: 2 GPU(s)"),
     ],
 )
 def test_batch_job_device_check_table(environ, gpus, wants, expect_problem, expect_line):
@@ -279,7 +381,7 @@ def test_jobcheck_entry_point(monkeypatch, capsys):
     assert "ZEROTUNE_REQUIRE_GPU=1" in capsys.readouterr().err
     monkeypatch.delenv("ZEROTUNE_REQUIRE_GPU")
     assert jobcheck.main([str(TINY), "--set", "precision=fp16"]) == 2
-    assert "precision=fp16 needs a GPU" in capsys.readouterr().err
+    assert "precision='fp16' is not supported on this device" in capsys.readouterr().err
 
 
 def test_deepspeed_rank_vars_leave_cpu_ranks_alone():

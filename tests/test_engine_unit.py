@@ -9,7 +9,9 @@ skips the same way as its fp16 (``check_grad_overflow``, on by default in 0.19).
 
 from __future__ import annotations
 
+import math
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +153,60 @@ def _deepspeed_bf16(stage: int) -> dict:
         lr_before=lr,
     )
     return out
+
+
+def test_universal_load_puts_each_step_where_torch_would():
+    """``settle_steps`` (run after every universal load): DeepSpeed's loader leaves ``step``
+    wherever torch.load put it — the host, beside fused AdamW's CUDA parameters. Faked:
+    parameters on the ``meta`` device stand for CUDA ones (no step is taken)."""
+    from trainer.engine import settle_steps
+
+    fused, plain = torch.nn.Linear(2, 2, device="meta"), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(
+        [{"params": list(fused.parameters()), "fused": True}, {"params": list(plain.parameters())}]
+    )
+    shared = torch.tensor(7.0, dtype=torch.float64)  # one object for all, as ZeRO-3's loader does
+    for p in [*fused.parameters(), *plain.parameters()]:
+        opt.state[p]["step"] = shared
+    settle_steps(opt)
+    steps = [opt.state[p]["step"] for p in [*fused.parameters(), *plain.parameters()]]
+    assert len({id(t) for t in steps}) == 4  # one tensor per parameter
+    for p in fused.parameters():  # fused: the parameter's device, float32 (torch's rule)
+        assert opt.state[p]["step"].device == p.device == torch.device("meta")
+        assert opt.state[p]["step"].dtype == torch.float32
+    for p in plain.parameters():  # not fused: the host, dtype kept
+        assert opt.state[p]["step"].device.type == "cpu"
+        assert opt.state[p]["step"].dtype == torch.float64
+
+
+def _zero1_bf16(accum: int, missing: str) -> dict:
+    cfg = config("precision=bf16", "zero.stage=1", f"train.global_batch_size={8 * accum}")
+    engine = DeepSpeedEngine(cfg, Toy(), BatchPlan(8, accum, 1), 40, CPU)
+    out = {
+        "data_types": engine.ds_config.get("data_types"),
+        "optimizer": type(engine.engine.optimizer).__name__,
+        "loss": engine.train_step(batches(accum)).loss,
+    }
+    try:
+        engine.load(Path(missing))
+    except RuntimeError as e:
+        out["load_error"] = str(e)
+    return out
+
+
+def test_zero1_bf16_pays_for_fp32_accumulation_only_when_it_accumulates(tmp_path):
+    """ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer (fp32 gradients of the
+    whole model on every rank): only with accumulation > 1; at 1 the ZeRO-1 optimizer as before.
+    And a folder DeepSpeed finds nothing in says what to do."""
+    (one,) = run_distributed(_zero1_bf16, 1, 1, str(tmp_path / "empty"), timeout=240)
+    (four,) = run_distributed(_zero1_bf16, 1, 4, str(tmp_path / "empty"), timeout=240)
+    assert one["data_types"] is None and one["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert four["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert four["optimizer"] == "BF16_Optimizer"
+    assert math.isfinite(one["loss"]) and math.isfinite(four["loss"])
+    message = one["load_error"]
+    assert "could not load the checkpoint" in message and str(tmp_path / "empty") in message
+    assert "--resume never" in message and "manifest.json" in message
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -4,8 +4,8 @@
     bash benchmarks/gpu_check.sh              # installs, runs this tier, then the MFU benchmark
 
 Every run is a real ``zerotune train`` (torchrun, DeepSpeed, NCCL) on ``--nproc-per-node 1``:
-the demo, and all-MiniLM-L6-v2 at fp32 / bf16 / fp16 × ZeRO 0-3 and ZeRO-2/3 with optimizer
-offload, resume after a crash (bit for bit), export, preemption. Each run asserts real
+the demo, and all-MiniLM-L6-v2 at fp32 / bf16 / fp16 × ZeRO 0-3, ZeRO-2/3 with optimizer
+offload and ZeRO-3 with parameter offload alone, resume after a crash (bit for bit), export, preemption. Each run asserts real
 properties: the loss falls, ``env.json`` names a CUDA device, fp32 runs end with fp32
 weights, and nothing was JIT-compiled (``TORCH_EXTENSIONS_DIR`` stays empty and no build
 was logged). A resume at another world size needs two GPUs (more ranks than GPUs is
@@ -178,22 +178,28 @@ def test_demo_on_one_gpu(tmp_path, gpu_cache):
 # all-MiniLM-L6-v2: precision × ZeRO stage, offload
 # --------------------------------------------------------------------------------------
 
-MATRIX = [(p, s, False) for p in ("fp32", "bf16", "fp16") for s in (0, 1, 2, 3)] + [
-    ("bf16", 2, True),
-    ("bf16", 3, True),
+# offload: None, "optimizer" (zero.offload_optimizer: the optimizer steps the CPU shards) or
+# "params" (zero.offload_params alone: parameters on the CPU, the fp32 partitions and the
+# step on the GPU — torch's fused AdamW, as DeepSpeed would pick FusedAdam, not CPUAdam)
+MATRIX = [(p, s, None) for p in ("fp32", "bf16", "fp16") for s in (0, 1, 2, 3)] + [
+    ("bf16", 2, "optimizer"),
+    ("bf16", 3, "optimizer"),
+    ("bf16", 3, "params"),
 ]
 
 
 @pytest.mark.parametrize(
     "precision, stage, offload",
     MATRIX,
-    ids=[f"{p}-zero{s}{'-offload' if o else ''}" for p, s, o in MATRIX],
+    ids=[f"{p}-zero{s}{f'-offload-{o}' if o else ''}" for p, s, o in MATRIX],
 )
 def test_minilm_trains(precision, stage, offload, tmp_path, gpu_cache):
     d = tmp_path / "run"
     sets = [f"precision={precision}", f"zero.stage={stage}"]
-    if offload:
+    if offload == "optimizer":
         sets.append("zero.offload_optimizer=true")
+    if offload == "params":
+        sets.append("zero.offload_params=true")
     proc = zerotune(minilm_args(d, *sets), gpu_cache)
     check_run(proc, gpu_cache)
     assert_loss_falls(d)
@@ -203,8 +209,14 @@ def test_minilm_trains(precision, stage, offload, tmp_path, gpu_cache):
     env = env_json(d)
     assert env["device"].startswith("cuda"), env["device"]
     ds = json.loads((d / "deepspeed.json").read_text())
-    if precision == "bf16" and stage >= 1:
+    if precision == "bf16" and (
+        stage >= 2 or (stage == 1 and ds["gradient_accumulation_steps"] > 1)
+    ):
         assert ds.get("data_types") == {"grad_accum_dtype": "fp32"}
+    if offload == "params":
+        zero = ds["zero_optimization"]
+        assert zero["offload_param"]["device"] == "cpu"
+        assert zero["offload_optimizer"]["device"] == "none" and "optimizer" not in ds
     if precision == "fp32":
         # fp32 means fp32: the engine's parameters and the final weights
         assert env.get("param_dtype", "float32") == "float32"

@@ -3,7 +3,7 @@
 What the CPU tables in tests/test_devices.py and tests/test_ops.py cannot show: DeepSpeed
 really binding the device zerotune chose (ZeRO-3's ``zero.Init`` and the engine call
 ``set_device(int(LOCAL_RANK))``), the in-rank refusal of two ranks on one GPU (compared by
-UUID), the batch job's device line, and the default optimizer being torch's fused AdamW.
+UUID before the process group exists), the batch job's device line, and the default optimizer being torch's fused AdamW.
 One GPU is enough; every run is the tiny config for a few steps.
 
     python -m pytest -q -m gpu tests/test_gpu_binding.py
@@ -73,7 +73,8 @@ def test_one_gpu_per_task_binds_cuda0_for_local_rank_1(tmp_path):
 
 def test_two_ranks_on_one_gpu_refused_inside_the_rank(tmp_path):
     """torchrun by hand with 2 ranks and one visible GPU: each rank would take cuda:0 (the
-    one-GPU-per-task rule); the UUID check after the group starts refuses it, exit 2."""
+    one-GPU-per-task rule); the UUID check through the rendezvous store, before any process
+    group exists, refuses it on both ranks, exit 2."""
     run_dir = tmp_path / "run"
     env = base_env(tmp_path, CUDA_VISIBLE_DEVICES="0")
     proc = run(

@@ -1,7 +1,7 @@
 """Which AdamW a run gets, and the refusal of JIT builds that cannot succeed: tables over
 ``BuildEnv`` (what DeepSpeed has pre-built, which compilers exist), so GPU machines with and
 without nvcc are described here without one. Faked: the BuildEnv of such machines, and a
-``cuda:0`` device object that ``build_optimizer`` only reads the type of (no step is taken).
+GPU for ``build_optimizer`` (it reads the plan only; no step is taken).
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def cfg(*overrides):
 
 
 OFFLOAD = ("zero.stage=2", "zero.offload_optimizer=true")
+# parameters on the CPU, optimizer on the GPU: DeepSpeed keeps the fp32 partitions and the step
+# on the GPU (zero_use_cpu_optimizer reads offload_optimizer only) and would build FusedAdam
+OFFLOAD_PARAMS = ("zero.stage=3", "zero.offload_params=true")
 
 
 @pytest.mark.parametrize(
@@ -108,13 +111,67 @@ OFFLOAD = ("zero.stage=2", "zero.offload_optimizer=true")
         ),
         # zerotune submit: the compute nodes' compilers are unknown from the login node
         (("train.optimizer_impl=deepspeed",), True, remote(PIP_GPU), True, False, None, "compiles"),
+        # offload_params alone: the GPU rows — fused torch AdamW, never CPUAdam, no note ...
+        (OFFLOAD_PARAMS, True, PREBUILT_GPU, False, True, None, None),
+        (OFFLOAD_PARAMS, True, PIP_GPU, False, True, None, None),
+        ((*OFFLOAD_PARAMS, "train.optimizer_impl=torch"), True, PIP_GPU, False, True, None, None),
+        # ... and with optimizer_impl=deepspeed FusedAdam, whose build needs nvcc (not a C++ compiler)
+        (
+            (*OFFLOAD_PARAMS, "train.optimizer_impl=deepspeed"),
+            True,
+            PIP_GPU,
+            True,
+            False,
+            "CUDA_HOME unset and no nvcc",
+            None,
+        ),
+        (
+            (*OFFLOAD_PARAMS, "train.optimizer_impl=deepspeed"),
+            True,
+            PREBUILT_GPU,
+            True,
+            False,
+            None,
+            None,
+        ),
+        # both offloads: CPUAdam, as DeepSpeed builds it
+        (
+            (*OFFLOAD_PARAMS, "zero.offload_optimizer=true"),
+            True,
+            PREBUILT_GPU,
+            True,
+            False,
+            None,
+            None,
+        ),
     ],
 )
 def test_optimizer_plan_table(sets, on_gpu, build, ds, fused, problem, note):
-    plan = optimizer_plan(cfg(*sets), on_gpu, build)
+    c = cfg(*sets)
+    plan = optimizer_plan(c, on_gpu, build)
     assert (plan.deepspeed, plan.fused) == (ds, fused), plan
     assert plan.problem is None if problem is None else problem in plan.problem
     assert plan.note is None if note is None else note in plan.note
+    if plan.deepspeed:  # the op is the one DeepSpeed's engine loads for this config
+        assert plan.op == ("cpu_adam" if c.zero.offload_optimizer else "fused_adam"), plan
+
+
+def test_offload_params_alone_follows_deepspeed_rule():
+    """DeepSpeed's own rule, read from its engine: CPUAdam only when offload_optimizer.device
+    is cpu/nvme; the generated config for offload_params alone says exactly that."""
+    import types
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for sets in (OFFLOAD_PARAMS, (*OFFLOAD_PARAMS, "zero.offload_optimizer=true"), OFFLOAD):
+        c = cfg(*sets)
+        ds = build_deepspeed_config(c, resolve_batch(c, 1), on_gpu=True, build=PREBUILT_GPU)
+        zero = types.SimpleNamespace(zero_config=DeepSpeedZeroConfig(**ds["zero_optimization"]))
+        uses_cpu_adam = DeepSpeedEngine.zero_use_cpu_optimizer(types.SimpleNamespace(_config=zero))
+        plan = optimizer_plan(c, True, PREBUILT_GPU)
+        assert uses_cpu_adam is c.zero.offload_optimizer, sets
+        assert (plan.op == "cpu_adam") is uses_cpu_adam and ("optimizer" in ds) is plan.deepspeed
 
 
 def test_refusal_names_the_fix():
@@ -149,18 +206,23 @@ def test_user_json_optimizer_gets_the_same_check(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "sets, device, fused",
+    "sets, on_gpu, fused",
     [
-        ((), "cpu", False),  # CPU: the same AdamW as before
-        ((), "cuda:0", True),
-        (OFFLOAD, "cuda:0", False),  # its shards live on the CPU
-        (("zero.stage=3", "zero.offload_params=true"), "cuda:0", False),
+        ((), False, False),  # CPU: the same AdamW as before
+        ((), True, True),
+        (OFFLOAD, True, False),  # its shards live on the CPU
+        (OFFLOAD_PARAMS, True, True),  # the fp32 partitions stay on the GPU
+        ((*OFFLOAD_PARAMS, "zero.offload_optimizer=true"), True, False),
+        (("engine=ddp", "zero.stage=0"), True, True),
     ],
 )
-def test_build_optimizer_is_fused_on_gpu(sets, device, fused):
-    """Faked: the cuda:0 device object; torch checks fused tensors at step(), not here."""
+def test_build_optimizer_follows_the_plan(sets, on_gpu, fused):
+    """Faked: a GPU (on_gpu=True and the BuildEnv of a pip install); torch checks fused
+    tensors at step(), which is never taken here."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = build_optimizer(cfg(*sets), model, torch.device(device))
+    plan = optimizer_plan(cfg(*sets), on_gpu, PIP_GPU)
+    assert plan.fused is fused and not plan.deepspeed
+    opt = build_optimizer(cfg(*sets), model, plan)
     assert isinstance(opt, torch.optim.AdamW)
     assert bool(opt.defaults.get("fused")) is fused
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3]  # decay / no-decay kept

@@ -497,17 +497,30 @@ def _save_at_world_2(run_dir: str, stage: int) -> dict:
     return {"saved": saved, "next_loss": next_loss, "next": job.engine.full_state_dict()}
 
 
+def _step_tensors(engine) -> list[tuple[str, str, int]]:
+    """(step device, parameter device, id of the step tensor) of every optimizer state."""
+    opt = engine.engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    return [
+        (str(s["step"].device), str(p.device), id(s["step"]))
+        for p, s in base.state.items()
+        if torch.is_tensor(s.get("step"))
+    ]
+
+
 def _load_at_world_1(ckpt: str, stage: int) -> dict:
     universal = ckpt_mod.ensure_universal(Path(ckpt))
     again = ckpt_mod.ensure_universal(Path(ckpt))  # cached: no second conversion
     job = Job("deepspeed", stage, load_universal=True)
     job.engine.load(universal)
+    steps = _step_tensors(job.engine)
     loaded = job.engine.full_state_dict()
     next_loss = job.step(4)
     return {
         "universal": str(universal),
         "again": str(again),
         "accum": job.plan.accum,
+        "steps": steps,
         "loaded": loaded,
         "next_loss": next_loss,
         "next": job.engine.full_state_dict(),
@@ -524,6 +537,11 @@ def test_universal_checkpoint_loads_at_another_world_size(stage, tmp_path):
     (one,) = run_distributed(_load_at_world_1, 1, str(ckpt), stage, timeout=300)
     assert one["universal"] == one["again"] == str(ckpt / "universal")
     assert (ckpt / "universal" / "DONE").is_file() and one["accum"] == 4
+    # DeepSpeed's loader sets each step straight from torch.load: the engine puts it where torch
+    # would (the parameter's device for fused AdamW; here every device is the CPU), one tensor
+    # object per state (ZeRO-3 had one shared by every sub-group)
+    assert one["steps"] and all(step == param for step, param, _ in one["steps"]), one["steps"]
+    assert len({i for _, _, i in one["steps"]}) == len(one["steps"])
     assert max_diff(one["loaded"], two[0]["saved"]) == 0.0
     mean_two = (two[0]["next_loss"] + two[1]["next_loss"]) / 2
     assert one["next_loss"] == pytest.approx(mean_two, rel=1e-6)
@@ -531,3 +549,54 @@ def test_universal_checkpoint_loads_at_another_world_size(stage, tmp_path):
     gap = max_diff(one["next"], two[0]["next"])
     assert moved > 1e-3 and gap < 1e-6, (moved, gap)  # gap: ~1e-8, summation order
     assert json.loads((ckpt / "manifest.json").read_text())["world_size"] == 2
+
+
+# --------------------------------------------------------------------------------------
+# ZeRO-0 at 16 bits: the export holds the fp32 master weights
+# --------------------------------------------------------------------------------------
+
+
+def _zero0_bf16_export(run_dir: str) -> dict:
+    from trainer.export import load_full_state_dict
+
+    job = Job("deepspeed", 0, "bf16")
+    job.run(0, 4)
+    ckpt_mod.CheckpointManager(Path(run_dir), job.cfg, {}).save(
+        4, job.engine, _trainer_state(4), None
+    )
+    opt = job.engine.engine.optimizer  # DeepSpeed's FP16 optimizer around torch AdamW
+    names = job.engine.engine.param_names
+    masters = {
+        names[p]: m.detach().clone()
+        for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups)
+        for p, m in zip(g16, g32)
+    }
+    working = job.engine.full_state_dict()
+    ckpt = Path(run_dir) / "checkpoints" / "step_00000004"
+    return {
+        "optimizer": type(opt).__name__,
+        "masters": masters if job.rank == 0 else None,
+        "working": working if job.rank == 0 else None,
+        "exported": load_full_state_dict(ckpt) if job.rank == 0 else None,
+    }
+
+
+def test_zero0_bf16_export_is_the_fp32_master_copy(tmp_path):
+    """final/ is the export of the last checkpoint: at ZeRO-0 with bf16 the weights come from
+    the optimizer's fp32 master copy (DeepSpeed's fp32_groups, named by zerotune), not the
+    bf16 working weights upcast."""
+    out = run_distributed(_zero0_bf16_export, 2, str(tmp_path), timeout=300)
+    r = out[0]
+    assert r["optimizer"] == "FP16_UnfusedOptimizer"
+    masters, working, exported = r["masters"], r["working"], r["exported"]
+    assert exported.keys() == working.keys()
+    assert all(t.dtype == torch.float32 for t in exported.values() if t.is_floating_point())
+    assert set(masters) <= set(exported) and len(masters) > 10
+    for name, master in masters.items():
+        assert torch.equal(exported[name], master), name
+        assert torch.equal(master.to(torch.bfloat16), working[name]), name  # its rounding
+    # after 4 steps the masters hold what bf16 cannot: exporting the working weights differs
+    rounded = [n for n in masters if not torch.equal(masters[n], working[n].float())]
+    assert len(rounded) > len(masters) // 2, rounded
+    buffers = [k for k in exported if k not in masters]
+    assert all(torch.equal(exported[k], working[k].float()) for k in buffers), buffers

@@ -154,7 +154,7 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed of model init, dropout and data order")
     optimizer_impl: Literal["auto", "torch", "deepspeed"] = Field(
         "auto",
-        description="auto: torch AdamW, fused on GPU (nothing to compile); under GPU offload DeepSpeed's CPUAdam "
+        description="auto: torch AdamW, fused on GPU (nothing to compile); under GPU optimizer offload DeepSpeed's CPUAdam "
         "if pre-built. deepspeed: DeepSpeed's FusedAdam / CPUAdam (JIT-built unless pre-built). torch: torch AdamW",
     )
 

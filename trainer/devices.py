@@ -13,8 +13,11 @@ One rule binds a rank to a GPU, and DeepSpeed is told the same: DeepSpeed 0.19 r
     2 .. ranks − 1             n                   error: ranks would share GPUs
 
 Two ranks on one GPU are an error, never a silent modulo: before spawn (pre-flight) and,
-after the process group exists, by comparing the GPUs' UUIDs per host (``shared_gpu_problem``).
-Side effects (``set_device``, exporting variables) live in ``trainer.distributed``.
+before any process group exists, by comparing every rank's record (device, GPU UUID, or the
+problem it found) exchanged through the rendezvous store (``shared_gpu_problem``): so ranks
+that disagree — some on CPU, some on GPU, which would pick gloo and nccl and wait for each
+other forever — stop together with one message. Side effects (``set_device``, exporting
+variables) live in ``trainer.distributed``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ ONE_RANK_PER_GPU = (
 )
 
 
+def visible_gpu_count() -> int:
+    """GPUs torch can use in this process (0 without CUDA): the one count every check uses."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def device_index(local_rank: int, local_world_size: int, visible_gpus: int) -> int | None:
     """The CUDA index this rank uses, ``None`` for CPU; ConfigError when GPUs would be shared."""
     if visible_gpus <= 0:
@@ -73,12 +83,23 @@ def too_many_ranks_problem(
 
 
 def shared_gpu_problem(ranks: list[Mapping]) -> str | None:
-    """``ranks[i]``: ``{"rank", "host", "device", "uuid"}`` of rank i; what is wrong, if anything.
+    """``ranks[i]``: ``{"rank", "host", "device", "uuid"}`` of rank i, and ``"problem"`` when
+    that rank could not pick a device or backend; what is wrong, if anything.
 
-    Two ranks on one host with the same GPU UUID share a GPU (e.g. ``srun --gpus-per-node=1
-    --ntasks-per-node=2``: each task sees one GPU, the same one). Ranks on CPU and on GPU in
-    one job cannot work together either (nccl needs a GPU on every rank).
+    A rank's own problem comes first. Two ranks on one host with the same GPU UUID share a GPU
+    (e.g. ``srun --gpus-per-node=1 --ntasks-per-node=2``: each task sees one GPU, the same
+    one). Ranks on CPU and on GPU in one job cannot work together either (nccl needs a GPU on
+    every rank).
     """
+    by_problem: dict[str, list[int]] = {}
+    for r in ranks:
+        if r.get("problem"):
+            by_problem.setdefault(r["problem"], []).append(r["rank"])
+    if by_problem:
+        return "; ".join(
+            f"rank(s) {ids} on {', '.join(sorted({r['host'] for r in ranks if r['rank'] in ids}))}: {text}"
+            for text, ids in by_problem.items()
+        )
     types = {r["rank"]: ("cuda" if r["uuid"] else "cpu") for r in ranks}
     if len(set(types.values())) > 1:
         cpu = sorted(k for k, v in types.items() if v == "cpu")
@@ -233,16 +254,23 @@ def job_device_check(
     build = f"; {torch_build}" if torch_build else ""
     return (
         f"device: NO GPU on this node ({where})",
-        f"{' and '.join(reasons)}, but torch sees no GPU on this node ({where}{build}): "
+        f"torch sees no GPU on this node ({where}{build}), but {'; and '.join(reasons)} — "
         + "; ".join(fixes),
+    )
+
+
+def fp16_problem(precision: str, on_gpu: bool, device_type: str = "cpu") -> str | None:
+    """The one rule for fp16 without a GPU (DeepSpeed's loss scaling and torch's GradScaler
+    need CUDA): pre-flight, the batch job's check and both engines say it in these words."""
+    if precision != "fp16" or on_gpu:
+        return None
+    return (
+        f"precision='fp16' is not supported on this device ({device_type}): "
+        "use precision=bf16 (or fp32), e.g. --set precision=bf16"
     )
 
 
 def config_wants_gpu(precision: str, backend: str = "auto") -> str | None:
     """Why a config cannot run on CPU, or None: a config is a GPU config when it says so."""
-    reasons = []
-    if precision == "fp16":
-        reasons.append("precision=fp16 needs a GPU")
-    if backend == "nccl":
-        reasons.append("launch.backend=nccl needs a GPU")
-    return " and ".join(reasons) or None
+    reasons = [fp16_problem(precision, on_gpu=False), backend_problem(backend, on_gpu=False)]
+    return " and ".join(r for r in reasons if r) or None

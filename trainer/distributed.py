@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import pickle
 import socket
@@ -25,30 +26,28 @@ from .devices import (
     deepspeed_rank_vars,
     device_index,
     shared_gpu_problem,
+    visible_gpu_count,
 )
 from .env import MASTER_ADDR, MASTER_PORT, DistEnv, detect_env
 
 # Waits on one rank's long work (checkpoint hashing and commit, universal conversion,
 # tokenisation, resume verification) run on a gloo side group with this timeout instead of
-# the NCCL group's launch.timeout_minutes: they take as long as the files are large, and an
+# the main group's launch.timeout_minutes: they take as long as the files are large, and an
 # NCCL collective that times out kills the job.
 LONG_WAIT_TIMEOUT = datetime.timedelta(hours=6)
-_long_group: Any = None  # the side group; None: the default group serves (gloo, or no group)
+_long_group: Any = None  # the side group (made on every rank of a world > 1)
+DEVICE_KEY = "zerotune/device/"  # rendezvous-store keys of the ranks' device records
 
 
-def visible_gpu_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+class AgreedConfigError(ConfigError):
+    """A ConfigError that every rank raises with the same text (found from all ranks' records
+    before any process group exists): one rank reports it for all."""
 
 
 def device_for(env: DistEnv) -> torch.device:
     """The one binding rule (``trainer.devices.device_index``); ConfigError if GPUs would be shared."""
     index = device_index(env.local_rank, env.local_world_size, visible_gpu_count())
     return torch.device("cpu") if index is None else torch.device("cuda", index)
-
-
-def backend_for(device: torch.device, requested: str = "auto") -> str:
-    """nccl on GPU, gloo on CPU; ConfigError for gloo on GPU or nccl on CPU."""
-    return backend_for_device(device.type == "cuda", requested)
 
 
 _warned: set[str] = set()
@@ -153,62 +152,94 @@ def export_env(env: DistEnv, device: torch.device | None = None) -> DistEnv:
 def init_distributed(
     env: DistEnv, backend: str = "auto", timeout_minutes: int = 30
 ) -> tuple[DistEnv, torch.device]:
-    """Bind the device, export what torch and DeepSpeed read, init the group, check the binding.
+    """Bind the device, export what torch and DeepSpeed read, agree, init the group.
 
-    Raises ConfigError (before any collective) when the device rule or the backend refuse,
-    and on every rank (after one all-gather on the gloo side group) when two ranks share a GPU.
+    Every rank first publishes its record (device, GPU UUID, or the problem its device rule or
+    backend found) in the rendezvous store and reads everyone's, before any process group
+    exists: ranks that would share a GPU, or mix CPU and GPU (gloo on some ranks, nccl on
+    others: a group that never forms), all raise the same ``AgreedConfigError`` at once
+    instead of hanging. One rank alone raises ConfigError for its own problem.
     """
-    device = device_for(env)
-    backend_name = backend_for(device, backend)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    device, backend_name, problem = None, None, None
+    try:
+        device = device_for(env)
+        backend_name = backend_for_device(device.type == "cuda", backend)
+    except ConfigError as e:
+        problem = str(e)
     env = export_env(env, device)
+    record = device_record(env, device, problem)
+    store = None
+    if dist.is_initialized():  # a group made by the caller: exchange over it
+        records = all_gather_object(record)
+    else:
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        records = exchange_records(store, record, env.world_size, timeout)
+    problem = shared_gpu_problem(records)
+    if problem:
+        raise (AgreedConfigError if len(records) > 1 else ConfigError)(problem)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend_name,
-            init_method="env://",
+            store=store,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
         )
     init_long_group()
-    check_device_binding(env, device)
     return env, device
 
 
-def device_record(env: DistEnv, device: torch.device) -> dict[str, Any]:
-    """What ``shared_gpu_problem`` compares: the physical GPU (UUID) behind this rank's index."""
-    uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
-    return {"rank": env.rank, "host": socket.gethostname(), "device": str(device), "uuid": uuid}
+def gpu_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
-def check_device_binding(env: DistEnv, device: torch.device) -> None:
-    """Every rank raises the same ConfigError if two ranks on a host use the same GPU.
+def device_record(
+    env: DistEnv, device: torch.device | None, problem: str | None = None
+) -> dict[str, Any]:
+    """What ``shared_gpu_problem`` compares: the physical GPU (UUID) behind this rank's index,
+    or the problem that kept this rank from choosing a device or backend."""
+    cuda = device is not None and device.type == "cuda"
+    return {
+        "rank": env.rank,
+        "host": socket.gethostname(),
+        "device": str(device) if device is not None else None,
+        "uuid": gpu_uuid(device) if cuda and not problem else None,
+        "problem": problem,
+    }
 
-    Gathered over the gloo side group: NCCL itself fails on a duplicate GPU ("Duplicate GPU
-    detected") at its first collective, before this check could say what to change.
-    """
-    if get_world_size() == 1:
-        return
-    problem = shared_gpu_problem(all_gather_object(device_record(env, device), long=True))
-    if problem:
-        raise ConfigError(problem)
+
+def exchange_records(
+    store: dist.Store, record: dict[str, Any], world_size: int, timeout: datetime.timedelta
+) -> list[dict[str, Any]]:
+    """Every rank's record, in rank order, through the rendezvous store (no process group)."""
+    if world_size == 1:
+        return [record]
+    store.set(f"{DEVICE_KEY}{record['rank']}", json.dumps(record))
+    keys = [f"{DEVICE_KEY}{r}" for r in range(world_size)]
+    store.wait(keys, timeout)
+    return [json.loads(v) for v in store.multi_get(keys)]
 
 
 def init_long_group(timeout: datetime.timedelta = LONG_WAIT_TIMEOUT) -> None:
     """Create the gloo side group for long waits (collective: every rank calls it once).
 
-    Only when the main backend is not gloo (on gloo the default group already waits on the
-    CPU). Called by ``init_distributed``; ``long_group`` calls it lazily for groups made
-    elsewhere (tests), which is safe because every rank reaches a long wait at the same point.
+    Made on every rank whenever the world has more than one rank, whatever the main backend:
+    the rule must not differ between ranks (``new_group`` is a collective), and a gloo main
+    group gets the generous timeout this way too. Called by ``init_distributed``;
+    ``long_group`` calls it lazily for groups made elsewhere (tests), which is safe because
+    every rank reaches a long wait at the same point.
     """
     global _long_group
-    if _long_group is None and get_world_size() > 1 and dist.get_backend() != "gloo":
+    if _long_group is None and get_world_size() > 1:
         _long_group = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def long_group() -> Any:
-    """The group for waits that may outlast the collective timeout (None: the default group)."""
+    """The group for waits that may outlast the collective timeout (None: one rank, no group)."""
     init_long_group()
     return _long_group
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 from .config import ConfigError, load_config
-from .devices import config_wants_gpu, job_device_check
+from .devices import config_wants_gpu, job_device_check, visible_gpu_count
 from .process import ExitCode, report_config_error
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_config_error(e)
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = visible_gpu_count()
     names = [torch.cuda.get_device_name(i) for i in range(count)]
     build = f"torch {torch.__version__} " + (
         f"(CUDA {torch.version.cuda})" if torch.version.cuda else "(a CPU-only build)"

@@ -7,7 +7,7 @@ needs ``nvcc`` matching torch's CUDA for FusedAdam (a pip-installed torch ships 
 C++ compiler for CPUAdam, plus ninja, and takes minutes behind a file lock. So the default
 path never compiles:
 
-    train.optimizer_impl  device  offload  optimizer
+    train.optimizer_impl  device  zero.offload_optimizer  optimizer
     auto | torch          CPU     any      torch AdamW (foreach)
     auto | torch          GPU     no       torch AdamW(fused=True)           no build: a torch kernel
     auto                  GPU     yes      DeepSpeed CPUAdam if pre-built,
@@ -16,6 +16,13 @@ path never compiles:
     deepspeed             GPU     no       DeepSpeed FusedAdam                build unless pre-built
     deepspeed             any     yes      DeepSpeed CPUAdam                  build unless pre-built
     deepspeed             CPU     no       DeepSpeed's CPU FusedAdam          build unless pre-built
+
+Only ``zero.offload_optimizer`` counts, as in DeepSpeed (``zero_use_cpu_optimizer``: CPUAdam
+when ``offload_optimizer.device`` is cpu/nvme, else FusedAdam): ``zero.offload_params``
+alone moves the 16-bit parameters to the CPU but keeps the fp32 partitions and the
+optimizer step on the GPU, so it gets the GPU row. This is the one rule: the DeepSpeed
+config (``"optimizer"`` section or not) and the torch optimizer the engines build
+(``trainer.engine.build_optimizer``) both follow ``optimizer_plan``.
 
 A DeepSpeed optimizer that would need a build on a machine without its compiler is a
 config error before any rank starts, with the fix named. ``detect_build_env`` reads; the
@@ -105,11 +112,17 @@ def build_requirements(op: str, on_gpu: bool, build: BuildEnv) -> list[str]:
     return missing
 
 
-def optimizer_plan(cfg: RunConfig, on_gpu: bool, build: BuildEnv) -> OptimizerPlan:
+def optimizer_plan(cfg: RunConfig, on_gpu: bool, build: BuildEnv | None = None) -> OptimizerPlan:
+    """Which AdamW this config gets on this device (the table above). ``build``: what the
+    machine has pre-built and can compile; read here (``detect_build_env``) only when a
+    DeepSpeed optimizer is in question."""
     impl = cfg.train.optimizer_impl
-    offload = cfg.zero.offload_optimizer or cfg.zero.offload_params
+    # DeepSpeed's own rule (zero_use_cpu_optimizer): the optimizer offload alone decides
+    offload = cfg.zero.offload_optimizer
     if cfg.engine == "ddp":  # DDP has no DeepSpeed optimizer
         return OptimizerPlan(False, on_gpu, None, "torch AdamW" + (" (fused)" if on_gpu else ""))
+    if impl == "deepspeed" or (offload and impl == "auto" and on_gpu):
+        build = build or detect_build_env()
     if offload:
         op = "cpu_adam"
         use_ds = impl == "deepspeed" or (
@@ -123,7 +136,7 @@ def optimizer_plan(cfg: RunConfig, on_gpu: bool, build: BuildEnv) -> OptimizerPl
         if offload and on_gpu:
             how = "pre-built op not found" if impl == "auto" else "train.optimizer_impl=torch"
             note = (
-                f"zero.offload_*: torch AdamW steps the CPU shards ({how}): correct but several times slower "
+                f"zero.offload_optimizer: torch AdamW steps the CPU shards ({how}): correct but several times slower "
                 "than DeepSpeed's CPUAdam; for CPUAdam install deepspeed with DS_BUILD_CPU_ADAM=1, or set "
                 "train.optimizer_impl=deepspeed to JIT-build it once with the host C++ compiler"
             )
@@ -137,7 +150,7 @@ def optimizer_plan(cfg: RunConfig, on_gpu: bool, build: BuildEnv) -> OptimizerPl
         return OptimizerPlan(True, False, op, f"DeepSpeed {name} (pre-built {op})")
     missing = [] if build.remote else build_requirements(op, on_gpu, build)
     why = (
-        f"train.optimizer_impl={impl} with zero.offload_* on {where} uses DeepSpeed's {name}"
+        f"train.optimizer_impl={impl} with zero.offload_optimizer on {where} uses DeepSpeed's {name}"
         if offload
         else f"train.optimizer_impl={impl} on {where} uses DeepSpeed's {name}"
     )
