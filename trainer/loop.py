@@ -26,6 +26,7 @@ import torch
 
 from . import checkpoint as ckpt_mod
 from . import faults
+from .adapters import manifest_entry, save_adapter_config
 from .batch import resolve_batch
 from .config import RunConfig, dump_config
 from .data import (
@@ -44,7 +45,7 @@ from .export import export_checkpoint, save_hf_metadata
 from .files import write_json_atomic
 from .fingerprint import fingerprint
 from .metrics import build_sinks, memory_stats
-from .models import build_model
+from .models import apply_peft, build_model
 from .preemption import PreemptionFlag, requeue_slurm_job
 from .process import ExitCode, versions
 from .tasks import EvalResult, build_task
@@ -132,6 +133,7 @@ class Trainer:
         self.tokenizer = self.train_batches = self.engine = self.evaluator = None
         self.ckpts = self.sinks = self.flag = None
         self.num_parameters = 0
+        self.num_trainable = 0
         self.step_times = StepTimes(cfg.logging.warmup_steps_excluded)
 
     def log(self, msg: str) -> None:
@@ -177,12 +179,23 @@ class Trainer:
 
         seed_everything(cfg.train.seed)
         model = build_model(cfg, self.task, self.tokenizer, self.task.head_config(data.labels))
+        model = apply_peft(cfg, self.task, model, self.total)
         self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        peft_entry = manifest_entry(cfg, model)  # PEFT: the frozen base's reference and digest
+        if resume_from is not None and peft_entry:
+            self._check_base_model(resume_from, peft_entry["base_model"]["digest"])
+
+        def write_hf(d: Path) -> None:
+            save_hf_metadata(model.config, self.tokenizer, d)
+            if cfg.peft.method is not None:
+                save_adapter_config(model, d)
+
         self.ckpts = ckpt_mod.CheckpointManager(
             self.run_dir,
             cfg,
-            {"hostname": socket.gethostname()},
-            hf_writer=lambda d: save_hf_metadata(model.config, self.tokenizer, d),
+            {"hostname": socket.gethostname(), **peft_entry},
+            hf_writer=write_hf,
         )
         self.ckpts.clean_stale()
         universal = load_dir is not None and load_dir != resume_from
@@ -235,6 +248,14 @@ class Trainer:
             f"in {time.perf_counter() - t0:.1f}s"
         )
         return universal, saved_world
+
+    def _check_base_model(self, resume_from: Path, digest: str) -> None:
+        """Every rank built its own frozen base: each must match the checkpoint's."""
+        problem = ckpt_mod.base_model_problem(resume_from, digest)
+        if any_rank(problem is not None, self.device):
+            raise ckpt_mod.CheckpointError(
+                problem or f"checkpoint {resume_from}: another rank built a different base model"
+            )
 
     def _load(self, resume_from: Path, load_dir: Path, saved_world: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -414,6 +435,7 @@ class Trainer:
             },
             "total_steps": self.total,
             "parameters": self.num_parameters,
+            "trainable_parameters": self.num_trainable,
             "param_dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
             "resumed_from": str(resume_from) if resume_from else None,
         }
@@ -445,6 +467,7 @@ class Trainer:
             },
             "world_size": self.world,
             "parameters": self.num_parameters,
+            "trainable_parameters": self.num_trainable,
             "param_digests": [f"{p['replicated']}:{p['shard']}" for p in prints],
             "params_in_sync": len({p["replicated"] for p in prints}) == 1,
             "wall_time_s": time.time() - self.t_start,

@@ -226,3 +226,16 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, head: dict[str, Any]):
             model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [type(model).__name__]  # export knows the head to rebuild
     return model
+
+
+def apply_peft(cfg: RunConfig, task: Task, model, total_steps: int):
+    """``build_model``'s model with PEFT adapters (``peft.method``), or unchanged.
+
+    Every rank wraps the same fp32 model with the same seed, so the adapters start identical;
+    AdaLoRA's budget schedule is sized to the run's ``total_steps``.
+    """
+    if cfg.peft.method is None:
+        return model
+    from .adapters import wrap_model
+
+    return wrap_model(cfg, task, model, total_steps)
