@@ -451,7 +451,7 @@ def _train_adalora(variants: dict) -> dict:
 
 
 def _masters(hook) -> dict[str, torch.Tensor]:
-    from trainer.adapters import full_param
+    from trainer.adalora import full_param
 
     return {n: full_param(p) for n, p in hook.params}
 
