@@ -99,8 +99,9 @@ def cmd_train(args) -> int:
     if env.launcher != "single":
         # Ranks already exist (torchrun / srun / mpirun): this process is one of them.
         from trainer.main import main as rank_main
+        from trainer.process import exit_process
 
-        return rank_main(trainer_args(args.config, args.overrides, run_dir, args.resume))
+        exit_process(rank_main(trainer_args(args.config, args.overrides, run_dir, args.resume)))
 
     from .preflight import check
 

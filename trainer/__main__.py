@@ -1,3 +1,4 @@
 from trainer.main import main
+from trainer.process import exit_process
 
-raise SystemExit(main())
+exit_process(main())
