@@ -1,6 +1,8 @@
 """``zerotune export RUN_DIR|CHECKPOINT --out DIR``: a consolidated Hugging Face model.
 
 Any ZeRO stage, any original world size, CPU only; loadable with ``from_pretrained``.
+A PEFT run gives its adapter (``PeftModel.from_pretrained(base, DIR)``), or with ``--merge``
+the base with the adapters merged in (plain ``from_pretrained``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.process import ExitCode
+from trainer.process import ExitCode, report_config_error
 
 
 def add_parser(sub) -> None:
@@ -22,6 +24,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="PEFT runs: the base model with the adapters merged in (plain from_pretrained) "
+        "instead of the adapter (PeftModel.from_pretrained); full fine-tuning exports are plain models anyway",
+    )
     p.set_defaults(func=run)
 
 
@@ -32,7 +40,7 @@ def peak_rss_mb() -> float:
 
 
 def run(args) -> int:
-    from trainer.checkpoint import CheckpointError, resolve_resume
+    from trainer.checkpoint import CheckpointError, read_manifest, resolve_resume
     from trainer.export import export_checkpoint
 
     src = Path(args.source)
@@ -43,16 +51,19 @@ def run(args) -> int:
             warn=lambda m: print(m, file=sys.stderr),
         )
     except CheckpointError as e:
-        print(f"zerotune export: {e}", file=sys.stderr)
-        return ExitCode.CONFIG
+        return report_config_error(e, prog="zerotune export")
     if ckpt is None:
-        print(f"zerotune export: no checkpoint in {src}", file=sys.stderr)
-        return ExitCode.CONFIG
+        return report_config_error(f"no checkpoint in {src}", prog="zerotune export")
     t0 = time.perf_counter()
-    out = export_checkpoint(ckpt, Path(args.out), args.max_shard_size)
+    try:
+        out = export_checkpoint(ckpt, Path(args.out), args.max_shard_size, merge=args.merge)
+    except CheckpointError as e:
+        return report_config_error(e, prog="zerotune export")
     size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    peft = bool(read_manifest(ckpt).get("peft"))
+    kind = ("merged model" if args.merge else "adapter") if peft else "model"
     print(
-        f"exported {ckpt} → {out} ({size / 2**20:.1f} MB of safetensors) in {time.perf_counter() - t0:.1f}s; "
+        f"exported {ckpt} → {out} ({kind}, {size / 2**20:.1f} MB of safetensors) in {time.perf_counter() - t0:.1f}s; "
         f"peak host memory {peak_rss_mb():.0f} MB"
     )
     return ExitCode.DONE

@@ -11,12 +11,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 from trainer.batch import BatchPlan, resolve_batch
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.deepspeed_config import build_deepspeed_config
-from trainer.devices import accelerator_warning, backend_problem, too_many_ranks_problem
+from trainer.deepspeed_config import accumulation_note, build_deepspeed_config
+from trainer.devices import (
+    accelerator_warning,
+    backend_problem,
+    fp16_problem,
+    too_many_ranks_problem,
+    visible_gpu_count,
+)
 from trainer.ops import detect_build_env, optimizer_plan, remote
 
 
@@ -40,15 +44,11 @@ class Preflight:
             print(f"zerotune: note: {note}", file=sys.stderr)
 
 
-def gpu_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def resolve_nproc(cli_value: str | int | None, cfg: RunConfig) -> int:
     """CLI > config > auto; auto = number of GPUs, or 1 on a CPU-only machine."""
     value = cli_value if cli_value is not None else cfg.launch.nproc_per_node
     if value == "auto":
-        return max(gpu_count(), 1)
+        return max(visible_gpu_count(), 1)
     try:
         n = int(value)
     except (TypeError, ValueError):
@@ -81,7 +81,7 @@ def check(
     n = resolve_nproc(nproc, cfg)
     world = n * nnodes
     problems: list[str] = []
-    gpus = gpu_count() if job_gpus is None else job_gpus
+    gpus = visible_gpu_count() if job_gpus is None else job_gpus
     # Every rank a launcher starts here (or srun starts on a node of the job) sees the same
     # GPUs: more ranks than GPUs would share them (trainer/devices.py has the rank's rule).
     problems += filter(
@@ -102,15 +102,13 @@ def check(
     notes = [optimizer.note] if optimizer.note else []
     if job_gpus is None:  # the ranks inherit this environment
         notes += filter(None, [accelerator_warning(os.environ, bool(gpus))])
-    if cfg.precision == "fp16" and not gpus:
-        problems.append(
-            "precision='fp16' is not supported on this device (cpu): use precision=bf16 (or fp32), e.g. --set precision=bf16"
-        )
+    problems += filter(None, [fp16_problem(cfg.precision, bool(gpus))])
     plan = None
     try:
         plan = resolve_batch(cfg, world)
         if cfg.engine == "deepspeed":
-            build_deepspeed_config(cfg, plan, on_gpu=bool(gpus), build=build)
+            ds = build_deepspeed_config(cfg, plan, on_gpu=bool(gpus), build=build, opt=optimizer)
+            notes += filter(None, [accumulation_note(cfg, ds)])
     except ConfigError as e:
         problems.extend(e.problems)
     train_rows = None
@@ -148,6 +146,9 @@ def _check_data(cfg: RunConfig) -> int:
         num_labels = task.model_num_labels(cfg)
     except ConfigError as e:
         problems.extend(e.problems)
+    from trainer.adapters import preflight_problem
+
+    problems += filter(None, [preflight_problem(cfg)])
     if not is_builtin(cfg.model.tokenizer or cfg.model.name_or_path):
         try:
             build_tokenizer(cfg, task)

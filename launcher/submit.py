@@ -207,8 +207,7 @@ def add_parser(sub) -> None:
 
 
 def _error(msg: str) -> int:
-    print(f"zerotune submit: {msg}", file=sys.stderr)
-    return ExitCode.CONFIG
+    return report_config_error(msg, prog="zerotune submit")
 
 
 def run(args) -> int:

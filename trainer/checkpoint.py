@@ -390,7 +390,26 @@ def check_compatible(ckpt: Path, cfg: RunConfig) -> list[str]:
         problems.append(
             f"checkpoint {ckpt} has zero.stage={m.get('zero_stage')}, this run zero.stage={cfg.zero.stage}; keep the stage or export and start anew"
         )
+    saved_peft = m.get("peft") or {}
+    if saved_peft.get("method") != cfg.peft.method:
+        problems.append(
+            f"checkpoint {ckpt} was trained with peft.method={saved_peft.get('method')!r}, this run uses "
+            f"peft.method={cfg.peft.method!r}; keep the method or start anew in another run directory"
+        )
+    elif saved_peft:
+        from .adapters import shape_problems
+
+        problems += [f"checkpoint {ckpt}: {p}" for p in shape_problems(saved_peft, cfg)]
     return problems
+
+
+def base_model_problem(ckpt: Path, digest: str) -> str | None:
+    """A PEFT checkpoint holds no frozen weights: the base this run built must be the one it
+    was trained on (the manifest's digest of the frozen parameters)."""
+    from .adapters import base_mismatch
+
+    problem = base_mismatch(read_manifest(ckpt).get("base_model"), digest)
+    return f"checkpoint {ckpt}: {problem}" if problem else None
 
 
 def ensure_universal(ckpt: Path) -> Path:
@@ -405,5 +424,9 @@ def ensure_universal(ckpt: Path) -> Path:
 
     run_on_rank0(convert)  # the others wait on the long group: conversion takes minutes at scale
     if not (out / "DONE").exists():
-        raise CheckpointError(f"universal conversion of {ckpt} did not complete")
+        raise CheckpointError(
+            f"universal conversion of {ckpt} did not complete ({out}/DONE is missing): delete the "
+            f"folder {out} and run the same command again to convert anew, or resume at the world "
+            "size the checkpoint was written with (its manifest.json's world_size)"
+        )
     return out

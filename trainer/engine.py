@@ -20,10 +20,14 @@ from typing import Any, Protocol
 
 import torch
 
+from .adapters import build_step_hook, is_peft_model
 from .batch import BatchPlan
 from .checkpoint import ZERO_TAG
 from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config
+from .devices import fp16_problem
+from .export import MASTER_NAMES
+from .ops import OptimizerPlan, optimizer_plan
 
 
 @dataclass
@@ -58,31 +62,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # no empty group: ZeRO-3 drops them, leaving the scheduler one learning rate too many
+    # (LoRA without biases on a causal LM trains matrices only)
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(
-    cfg: RunConfig, model: torch.nn.Module, device: torch.device | None = None
+    cfg: RunConfig, model: torch.nn.Module, opt: OptimizerPlan
 ) -> torch.optim.Optimizer:
-    """torch AdamW; ``fused=True`` (a torch kernel, nothing to build) where the optimizer
-    steps CUDA tensors, i.e. on GPU without offload; the plain one on CPU (trainer/ops.py)."""
+    """torch AdamW as ``opt`` (``trainer.ops.optimizer_plan``, the one rule) says:
+    ``fused=True`` (a torch kernel, nothing to build) where the optimizer steps CUDA tensors
+    (GPU without optimizer offload), the plain one otherwise."""
     t = cfg.train
-    fused = torch_fused_adamw(cfg, device)
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay),
         lr=t.lr,
         betas=t.betas,
         eps=t.eps,
-        **({"fused": True} if fused else {}),
+        **({"fused": True} if opt.fused else {}),
     )
-
-
-def torch_fused_adamw(cfg: RunConfig, device: torch.device | None) -> bool:
-    offload = cfg.zero.offload_optimizer or cfg.zero.offload_params
-    return device is not None and device.type == "cuda" and not offload
 
 
 class Engine(Protocol):
@@ -98,6 +100,12 @@ class Engine(Protocol):
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+# Under PEFT an engine saves the trainable parameters and their optimizer state only; the
+# frozen base is rebuilt from the model and verified against the manifest (trainer/adapters.py).
+# ``step_hook``: AdaLoRA's rank allocator, called after the last backward of a step (whole
+# gradients) and after the update (whole fp32 weights); its state travels with the checkpoint.
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -136,12 +144,21 @@ class DeepSpeedEngine:
         configure_cpu_deepspeed(device)
         import deepspeed
 
-        if cfg.precision == "fp16" and not fp16_supported(device):
-            raise ConfigError(fp16_message(device))
+        problem = fp16_problem(cfg.precision, device.type == "cuda", device.type)
+        if problem:
+            raise ConfigError(problem)
         self.cfg = cfg
         self.device = device
-        self.ds_config = build_deepspeed_config(cfg, plan, device.type == "cuda", load_universal)
-        optimizer = None if "optimizer" in self.ds_config else build_optimizer(cfg, model, device)
+        self.optimizer_plan = optimizer_plan(cfg, device.type == "cuda")
+        self.ds_config = build_deepspeed_config(
+            cfg, plan, device.type == "cuda", load_universal, opt=self.optimizer_plan
+        )
+        # a user JSON's "optimizer" section, too, makes DeepSpeed build its own
+        optimizer = (
+            None
+            if "optimizer" in self.ds_config
+            else build_optimizer(cfg, model, self.optimizer_plan)
+        )
         fn = lr_lambda(cfg, total_steps)
         scheduler = (
             (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
@@ -161,10 +178,15 @@ class DeepSpeedEngine:
             )
         except ValueError as e:
             if "fp16" in str(e).lower() and "not supported" in str(e).lower():
-                raise ConfigError(fp16_message(device)) from None
+                raise ConfigError(fp16_problem("fp16", False, device.type)) from None
             raise
         self.module = self.engine.module
         self.stage = cfg.zero.stage
+        self.peft = is_peft_model(model)
+        self.step_hook = build_step_hook(model)
+        if self.step_hook is not None and self.stage == 3:
+            self.step_hook.on_zero3(self.module)
+        self.universal = load_universal
 
     def train(self) -> None:
         self.engine.train()
@@ -187,16 +209,17 @@ class DeepSpeedEngine:
         for i, batch in enumerate(micro_batches):
             out = self.engine(**_to(batch, self.device))
             self.engine.backward(out.loss)
-            if (
-                i == len(micro_batches) - 1
-                and self.stage == 0
-                and self.engine.bfloat16_enabled() is False
-            ):
+            last = i == len(micro_batches) - 1
+            if last and self.stage == 0 and self.engine.bfloat16_enabled() is False:
                 manual_norm = _grad_norm(self.engine.module.parameters())  # grads already averaged
+            if last and self.step_hook is not None:
+                self.step_hook.before_step()  # the boundary's whole gradients, before step()
             self.engine.step()
             total = _add_loss(total, out.loss)
         # the last step() was the accumulation boundary: did it update the weights?
         skipped = not self.engine.was_step_applied()
+        if self.step_hook is not None:
+            self.step_hook.after_step(applied=not skipped)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = manual_norm
@@ -217,40 +240,83 @@ class DeepSpeedEngine:
         return float(self.engine.get_lr()[0])
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=ZERO_TAG, save_latest=False)
+        from .distributed import get_rank
+
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=ZERO_TAG,
+            save_latest=False,
+            exclude_frozen_parameters=self.peft,
+            client_state=self._master_names(),
+        )
+        if self.step_hook is not None and get_rank() == 0:
+            self.step_hook.save(directory)
+
+    def _master_names(self) -> dict[str, Any]:
+        """ZeRO-0 at bf16 / fp16: DeepSpeed saves its FP16 optimizer's fp32 master copies
+        (``fp32_groups`` / ``fp32_groups_flat``) without names; the export reads them by these
+        (``trainer.export.MASTER_NAMES``), so ``final/`` holds fp32 master weights here too."""
+        groups = getattr(self.engine.optimizer, "fp16_groups", None)
+        if self.stage != 0 or self.cfg.precision == "fp32" or groups is None:
+            return {}
+        names = self.engine.param_names
+        return {MASTER_NAMES: [[names[p] for p in group] for group in groups]}
 
     def load(self, directory: Path) -> None:
+        if not any((Path(directory) / ZERO_TAG).glob("*model_states.pt")):
+            # DeepSpeed itself fails here with a bare AssertionError
+            raise _unloadable(directory, f"no {ZERO_TAG}/*model_states.pt in it")
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory),
+            tag=ZERO_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not self.peft,  # PEFT: the frozen base is not in the checkpoint
         )
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-        if self.stage == 3 and self.ds_config.get("checkpoint", {}).get("load_universal"):
-            self._fix_stage3_universal_load(
-                Path(directory) / ZERO_TAG / "zero" / "optimizer_state.pt"
-            )
+            raise _unloadable(directory, "DeepSpeed found no model states it could read")
+        if self.step_hook is not None:
+            # a universal conversion lives in step_N/universal/; the allocator's file in step_N/
+            self.step_hook.load(Path(directory).parent if self.universal else directory)
+        if self.ds_config.get("checkpoint", {}).get("load_universal"):
+            self._fix_universal_load(Path(directory) / ZERO_TAG / "zero" / "optimizer_state.pt")
 
-    def _fix_stage3_universal_load(self, optim_state: Path) -> None:
-        """Undo two slips of DeepSpeed's ZeRO-3 universal loader (0.19; stages 1-2 load per group):
+    def _fix_universal_load(self, optim_state: Path) -> None:
+        """Undo slips of DeepSpeed's universal loader (0.19), at every stage:
 
-        * it puts ONE ``step`` tensor object into the state of every sub-group; ZeRO-3 steps
-          the torch optimizer once per sub-group and AdamW increments ``step`` in place, so
-          the shared counter advances by the number of sub-groups per update and the bias
-          correction is wrong from the first step after the resume;
-        * it copies the hyperparameters of the checkpoint's first param group onto every
-          group, so the no-decay group comes back with weight_decay > 0.
+        * it sets ``state["step"]`` straight from ``torch.load`` without ``map_location``
+          (``base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir``, ZeRO-3's
+          ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), bypassing
+          ``Optimizer.load_state_dict``, which puts the step of a fused (or capturable)
+          optimizer on its parameter's device: fused AdamW on GPU would then fail at its
+          first step after a world-size resume. Every step goes where torch's own loader
+          would put it;
+        * at ZeRO-3 it puts ONE ``step`` tensor object into the state of every sub-group;
+          ZeRO-3 steps the torch optimizer once per sub-group and AdamW increments ``step``
+          in place, so the shared counter would advance by the number of sub-groups per
+          update (the bias correction wrong from the first step after the resume): each
+          gets its own;
+        * at ZeRO-3 it copies the hyperparameters of the checkpoint's first param group onto
+          every group, so the no-decay group would come back with weight_decay > 0 (stages
+          1-2 load them per group).
         """
         opt = self.engine.optimizer
         base = getattr(opt, "optimizer", opt)
-        for state in base.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].detach().clone()
+        settle_steps(base)
+        if self.stage != 3:
+            return
         saved = torch.load(optim_state, map_location="cpu", weights_only=False)[
             "optimizer_state_dict"
         ]["param_groups"]
         if len(saved) != len(base.param_groups):
             raise RuntimeError(
-                f"universal checkpoint has {len(saved)} optimizer param groups, this engine {len(base.param_groups)}"
+                f"universal checkpoint {optim_state.parent.parent.parent} has {len(saved)} optimizer param "
+                f"groups, this run {len(base.param_groups)}: the trainable parameters changed since it was "
+                "written (another model.name_or_path, or another peft section: peft.method, "
+                "peft.target_modules, peft.modules_to_save decide which parameters train and whether any "
+                "of them is a bias or norm weight, the second group); resume with the config the "
+                "checkpoint was written with (config.yaml in its run directory), or start afresh with "
+                "--resume never"
             )
         for group, saved_group in zip(base.param_groups, saved):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
@@ -269,15 +335,30 @@ class DeepSpeedEngine:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
 
-def fp16_supported(device: torch.device) -> bool:
-    return device.type == "cuda"
-
-
-def fp16_message(device: torch.device) -> str:
-    return (
-        f"precision='fp16' is not supported on this device ({device.type}): "
-        "use precision=bf16 (or fp32), e.g. --set precision=bf16"
+def _unloadable(directory: Path, why: str) -> RuntimeError:
+    return RuntimeError(
+        f"DeepSpeed could not load the checkpoint in {directory} ({why}): check that the folder "
+        "holds the files its checkpoint's manifest.json lists (a copy cut short, or files moved out "
+        "of it), or pick another checkpoint (--resume RUN_DIR/checkpoints/step_N), or start afresh "
+        "with --resume never"
     )
+
+
+def settle_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Each ``state["step"]`` tensor where ``Optimizer.load_state_dict`` would put it (on the
+    parameter's device as float32 for a fused or capturable group, else left on the host),
+    and one tensor object per parameter."""
+    flags = [bool(g.get("fused") or g.get("capturable")) for g in optimizer.param_groups]
+    on_device = {p: flag for g, flag in zip(optimizer.param_groups, flags) for p in g["params"]}
+    for p, state in optimizer.state.items():
+        step = state.get("step")
+        if not torch.is_tensor(step):
+            continue
+        # ZeRO-3 lists a sub-group's partition in its group only while stepping it
+        if on_device.get(p, any(flags)):
+            state["step"] = step.detach().to(dtype=torch.float32, device=p.device, copy=True)
+        else:
+            state["step"] = step.detach().to("cpu", copy=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -298,8 +379,9 @@ class DDPEngine:
 
         from .distributed import get_world_size
 
-        if cfg.precision == "fp16" and not fp16_supported(device):
-            raise ConfigError(fp16_message(device))
+        problem = fp16_problem(cfg.precision, device.type == "cuda", device.type)
+        if problem:
+            raise ConfigError(problem)
         self.cfg = cfg
         self.device = device
         self.module = model.to(device)
@@ -310,7 +392,8 @@ class DDPEngine:
             if get_world_size() > 1
             else self.module
         )
-        self.optimizer = build_optimizer(cfg, self.module, device)
+        self.optimizer_plan = optimizer_plan(cfg, device.type == "cuda")
+        self.optimizer = build_optimizer(cfg, self.module, self.optimizer_plan)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, total_steps)
         )
@@ -318,6 +401,8 @@ class DDPEngine:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.skipped_steps = 0
         self.ds_config = None
+        self.peft = is_peft_model(model)
+        self.step_hook = build_step_hook(model)
 
     def train(self) -> None:
         self.model.train()
@@ -350,6 +435,8 @@ class DDPEngine:
             total = _add_loss(total, out.loss)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if self.step_hook is not None:
+            self.step_hook.before_step()  # averaged, unclipped: what DeepSpeed's hook sees
         clip = self.cfg.train.max_grad_norm
         norm = float(
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip else float("inf"))
@@ -368,6 +455,8 @@ class DDPEngine:
             self.skipped_steps += 1
         else:
             self.scheduler.step()  # the schedule counts updates, as DeepSpeed's does
+        if self.step_hook is not None:
+            self.step_hook.after_step(applied=not skipped)
         self.optimizer.zero_grad(set_to_none=True)
         scale = float(self.scaler.get_scale()) if self.scaler else None
         return StepResult(loss=total.item() / n, grad_norm=norm, loss_scale=scale, skipped=skipped)
@@ -382,7 +471,7 @@ class DDPEngine:
             d = Path(directory) / "ddp"
             d.mkdir(parents=True, exist_ok=True)
             state = {
-                "model": self.module.state_dict(),
+                "model": self.module_state(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "skipped_steps": self.skipped_steps,
@@ -390,17 +479,38 @@ class DDPEngine:
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
             torch.save(state, d / "state.pt")
+            if self.step_hook is not None:
+                self.step_hook.save(directory)
+
+    def module_state(self) -> dict[str, torch.Tensor]:
+        """The module's state; under PEFT its trainable parameters only."""
+        state = self.module.state_dict()
+        if not self.peft:
+            return state
+        trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in trainable}
 
     def load(self, directory: Path) -> None:
         state = torch.load(
             Path(directory) / "ddp" / "state.pt", map_location=self.device, weights_only=True
         )
-        self.module.load_state_dict(state["model"])
+        if self.peft:
+            missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
+            trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
+            if unexpected or trainable & set(missing):
+                raise RuntimeError(
+                    f"PEFT checkpoint {directory} does not match the adapters: missing "
+                    f"{sorted(trainable & set(missing))[:5]}, unexpected {unexpected[:5]}"
+                )
+        else:
+            self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.step_hook is not None:
+            self.step_hook.load(directory)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}

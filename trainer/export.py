@@ -11,11 +11,15 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 HF_DIR = "hf"  # inside each checkpoint: model config.json + tokenizer files
+# ZeRO-0 at 16 bits: the parameter names of DeepSpeed's fp32 master copies, group by group,
+# saved by the engine beside the module (DeepSpeed saves the copies without names)
+MASTER_NAMES = "zerotune_master_names"
 
 
 def save_hf_metadata(model_config, tokenizer, directory: Path) -> None:
@@ -80,11 +84,8 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from .checkpoint import ZERO_TAG
 
     if manifest.get("zero_stage") == 0:
-        # no ZeRO partitions: the module weights are whole in the model-states file
-        sd = torch.load(
-            ckpt / ZERO_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        # no ZeRO partitions: the weights are whole in the model-states file
+        return _zero0_weights(ckpt / ZERO_TAG / "mp_rank_00_model_states.pt")
     if manifest.get("zero_stage") in (1, 2):
         sd = _merge_zero12(ckpt / ZERO_TAG)
         if sd is not None:
@@ -102,6 +103,64 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
             done[id(t)] = name
             out[name] = t.contiguous() if not torch.is_tensor(t) else t.clone()
         return out
+
+
+def _zero0_weights(model_states: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0 fp32 weights: the module itself at fp32; at bf16 / fp16 the fp32 master copies
+    of DeepSpeed's FP16 optimizer (``fp32_groups``: one tensor per parameter, torch AdamW;
+    ``fp32_groups_flat``: one flat tensor per group, FusedAdam), named by the engine
+    (``MASTER_NAMES``) — not the 16-bit working weights, which are their rounding. Buffers
+    and parameters the optimizer does not hold come from the module. Memory-mapped, one
+    parameter at a time: the host holds one fp32 copy.
+    """
+    ms = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
+    module = ms["module"]
+    osd = ms.get("optimizer") or {}
+    names = ms.get(MASTER_NAMES)
+    masters: dict[str, torch.Tensor] = {}
+    if names is None and ("fp32_groups" in osd or "fp32_groups_flat" in osd):
+        print(
+            f"zerotune: warning: {model_states} is a 16-bit ZeRO-0 checkpoint written before zerotune "
+            f"named its fp32 master weights ({MASTER_NAMES}): exporting its 16-bit working weights, "
+            "upcast; a checkpoint written by this version exports the fp32 masters",
+            file=sys.stderr,
+        )
+    elif "fp32_groups" in osd or "fp32_groups_flat" in osd:
+        if "fp32_groups" in osd:
+            groups = [list(g) for g in osd["fp32_groups"]]
+        else:  # FusedAdam's flat groups, in the order of the names
+            groups = []
+            for flat, group_names in zip(osd["fp32_groups_flat"], names):
+                sizes = [module[n].numel() for n in group_names]
+                parts = torch.split(flat[: sum(sizes)], sizes)
+                groups.append([t.view(module[n].shape) for t, n in zip(parts, group_names)])
+        if [len(g) for g in groups] != [len(g) for g in names]:
+            raise RuntimeError(
+                f"{model_states}: {[len(g) for g in groups]} fp32 master tensors per group but "
+                f"{[len(g) for g in names]} names"
+            )
+        for group, group_names in zip(groups, names):
+            for t, n in zip(group, group_names):
+                working = module[n]
+                # the working weights are the masters' rounding: a check that names and order hold
+                if t.shape != working.shape or not torch.equal(t.to(working.dtype), working):
+                    raise RuntimeError(
+                        f"{model_states}: the fp32 master copy named {n!r} does not round to the "
+                        "saved 16-bit weight; the names do not match DeepSpeed's groups"
+                    )
+                masters[n] = t.float().clone()
+
+    def same(v: torch.Tensor) -> tuple:
+        return (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+
+    owner = {same(module[n]): n for n in masters}  # tied weights: one tensor under two names
+    out: dict[str, torch.Tensor] = {}
+    for k, v in module.items():
+        master = masters.get(k, masters.get(owner.get(same(v), "")))
+        out[k] = (
+            master if master is not None else (v.float() if v.is_floating_point() else v).clone()
+        )
+    return out
 
 
 def _merge_zero12(zero_dir: Path) -> dict[str, torch.Tensor] | None:
@@ -174,13 +233,24 @@ def _mmap_torch_load():
         torch.load = original
 
 
-def export_checkpoint(ckpt: Path, out: Path, max_shard_size: str = "2GB") -> Path:
+def export_checkpoint(
+    ckpt: Path, out: Path, max_shard_size: str = "2GB", merge: bool = False
+) -> Path:
+    """A Hugging Face model from a checkpoint; a PEFT checkpoint gives its adapter, or with
+    ``merge`` the base with the adapters folded in (trainer/adapter_export.py)."""
     from transformers import AutoConfig
 
+    if json.loads((ckpt / "manifest.json").read_text()).get("peft"):
+        from .adapter_export import export_peft
+
+        return export_peft(ckpt, out, merge=merge, max_shard_size=max_shard_size)
     hf_dir = ckpt / HF_DIR
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"{ckpt} has no {HF_DIR}/config.json (written by zerotune since its first release)"
+            f"{ckpt} has no {HF_DIR}/config.json, which every checkpoint zerotune writes holds: it is not "
+            "a zerotune checkpoint (or was copied without it); export a run directory (its newest "
+            "checkpoint is used) or one of its checkpoints/step_N folders, e.g. zerotune export "
+            "RUN_DIR/checkpoints/step_N --out DIR"
         )
     config = AutoConfig.from_pretrained(str(hf_dir))
     sd = load_full_state_dict(ckpt)

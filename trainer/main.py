@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
     from .checkpoint import CheckpointError
-    from .distributed import configure_cpu_deepspeed, destroy, init_distributed
+    from .distributed import AgreedConfigError, configure_cpu_deepspeed, destroy, init_distributed
 
     quiet_libraries()
     if cfg.engine == "deepspeed":
@@ -52,11 +51,11 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
     try:
         env, device = init_distributed(env, cfg.launch.backend, cfg.launch.timeout_minutes)
     except ConfigError as e:  # device binding or backend: before any rank trains
-        import torch.distributed as dist
-
-        # found before the group exists, each rank speaks for itself; after, all agree
-        if env.rank == 0 or not dist.is_initialized():
+        # agreed from every rank's record: rank 0 speaks for all; else each for itself
+        if not isinstance(e, AgreedConfigError):
             report_config_error(e if env.world_size == 1 else f"rank {env.rank}: {e}")
+        elif env.rank == 0:
+            report_config_error(e)
         destroy()
         return ExitCode.CONFIG
     try:
@@ -65,7 +64,7 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
         return Trainer(cfg, env, device, run_dir, resume).run()
     except (ConfigError, CheckpointError) as e:
         if env.rank == 0:
-            print(f"zerotune: error: {e}", file=sys.stderr)
+            report_config_error(e)
         return ExitCode.CONFIG
     finally:
         destroy()
