@@ -48,6 +48,7 @@ from .metrics import build_sinks, memory_stats
 from .models import apply_peft, build_model
 from .preemption import PreemptionFlag, requeue_slurm_job
 from .process import ExitCode, versions
+from .steplog import StepLog
 from .tasks import EvalResult, build_task
 
 
@@ -135,6 +136,7 @@ class Trainer:
         self.num_parameters = 0
         self.num_trainable = 0
         self.step_times = StepTimes(cfg.logging.warmup_steps_excluded)
+        self.step_log = StepLog(self.rank)  # per-step timestamps for benchmarks/ (off by default)
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -287,8 +289,10 @@ class Trainer:
             state.samples_seen += self.plan.global_batch
             state.acc_loss += result.loss
             state.acc_steps += 1
-            state.acc_tokens += sum(count_tokens(b) for b in micro_batches)
+            tokens = sum(count_tokens(b) for b in micro_batches)
+            state.acc_tokens += tokens
             self.step_times.record(state.step, dt)
+            self.step_log.record(state.step, dt, result.loss, tokens)
             faults.maybe_fail("step", state.step)
 
             last = state.step == self.total
@@ -411,6 +415,8 @@ class Trainer:
             self.flag.ignore() if preempted else self.flag.restore()
         if self.sinks is not None:
             self.sinks.close()
+        self.step_log.event("end")
+        self.step_log.close()
 
     # ---- reports -------------------------------------------------------------------------
     def _write_env(self, resume_from: Path | None, hosts: list[str]) -> None:
