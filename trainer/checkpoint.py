@@ -18,6 +18,7 @@ loaded, and ``latest`` moves only after the rename.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -42,7 +43,14 @@ from .distributed import (
     get_world_size,
     run_on_rank0,
 )
-from .files import fsync_dir, sha256_file, write_json_atomic
+from .files import (
+    WriteFailure,
+    free_bytes,
+    fsync_dir,
+    guarded_writes,
+    sha256_file,
+    write_json_atomic,
+)
 from .process import versions
 
 MANIFEST = "manifest.json"
@@ -54,6 +62,34 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, I/O error); every rank raises it, with
+    the same message, after the partial checkpoint was removed."""
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def expected_checkpoint_bytes(parameters: int, trainable: int, precision: str) -> int:
+    """What one checkpoint takes: the weights in their training dtype, plus fp32 master
+    copies (mixed precision) and AdamW's two moments for the trainable ones."""
+    weight = 4 if precision == "fp32" else 2
+    master = 0 if precision == "fp32" else 4
+    return parameters * weight + trainable * (master + 8)
+
+
+def space_warning(run_dir: Path, need: int | None) -> str | None:
+    """Pre-flight: the run directory's file system cannot hold one more checkpoint."""
+    free = free_bytes(run_dir)
+    if need is None or free is None or free >= need:
+        return None
+    return (
+        f"warning: {run_dir} has {_mb(free)} free, one checkpoint needs about {_mb(need)}: "
+        "the next checkpoint will fail for lack of space (ENOSPC); free space or use another --run-dir"
+    )
 
 
 def step_dir_name(step: int) -> str:
@@ -247,6 +283,8 @@ class CheckpointManager:
         self.hf_writer = hf_writer  # writes model config + tokenizer into a checkpoint (rank 0)
         # (step, directory) of the newest checkpoint this run has: saved, or resumed from
         self.newest: tuple[int, Path] | None = None
+        self.last_size: int | None = None  # bytes of the last checkpoint this run committed
+        self.estimate: int | None = None  # bytes one checkpoint should take (parameter count)
 
     def mark_loaded(self, step: int, ckpt: Path) -> None:
         """The run resumed from ``ckpt``: it is not saved again, and the finish exports it."""
@@ -275,17 +313,29 @@ class CheckpointManager:
         t0 = time.perf_counter()
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        barrier(long=True)
-        engine.save(tmp)
-        write_json_atomic(tmp / "rng" / f"rank_{self.rank:05d}.json", rng_state())
-        if self.rank == 0:
-            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
-            if self.hf_writer is not None:
-                self.hf_writer(tmp / "hf")
+        with guarded_writes(self.rank) as guard:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                guard.call(tmp, (tmp / "rng").mkdir, parents=True)
+            barrier(long=True)
+            try:
+                engine.save(tmp)
+            except (OSError, RuntimeError) as e:  # an engine writing outside ``guarded``
+                guard.record(tmp, e)
+            guard.call(
+                tmp / "rng" / f"rank_{self.rank:05d}.json",
+                write_json_atomic,
+                tmp / "rng" / f"rank_{self.rank:05d}.json",
+                rng_state(),
+            )
+            if self.rank == 0:
+                guard.call(
+                    tmp / TRAINER_STATE, write_json_atomic, tmp / TRAINER_STATE, trainer_state
+                )
+                if self.hf_writer is not None:
+                    guard.call(tmp / "hf", self.hf_writer, tmp / "hf")
         faults.maybe_fail("save", step)
+        self._agree(step, tmp, all_gather_object(guard.failure, long=True))
         # Every rank makes the files it wrote durable and hashes them, in parallel; rank 0
         # only assembles the manifest. The waits use the long (gloo) group: they last as
         # long as the largest shard takes to hash, whatever the NCCL timeout.
@@ -301,6 +351,7 @@ class CheckpointManager:
             described.update(part)
         files = {n: described[n] for n in names}  # the manifest lists them in path order
         size = sum(m["size"] for m in files.values())
+        manifest = None
         if self.rank == 0:
             for dirpath, _, _ in os.walk(tmp):  # the entries every rank created
                 fsync_dir(Path(dirpath))
@@ -322,24 +373,81 @@ class CheckpointManager:
                 **self.extra,
                 "files": files,
             }
-            write_json_atomic(tmp / MANIFEST, manifest)
-            faults.maybe_fail("commit", step)
-            if final.exists():  # a re-save of the same step (e.g. after a resume): replace
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            latest = self.root / LATEST
-            (self.root / (LATEST + ".tmp")).write_text(final.name + "\n")
-            os.replace(self.root / (LATEST + ".tmp"), latest)
-            fsync_dir(self.root)
-            self.apply_retention(protect=final)
-        barrier(long=True)  # rank 0's commit and retention (deleting old checkpoints) are done
+        failure = None
+        if self.rank == 0:
+            with guarded_writes(self.rank) as guard:
+                guard.call(tmp / MANIFEST, self._commit, step, tmp, final, manifest)
+            failure = guard.failure
+        # rank 0's commit and retention (deleting old checkpoints) are done, or failed
+        self._agree(step, tmp, [broadcast_object(failure, long=True)])
         self.newest = (step, final)
         return {
             "save_seconds": time.perf_counter() - t0,
             "size_mb": size / 2**20,
             "step": step,
         }
+
+    def _commit(self, step: int, tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+        """Rank 0: the manifest, the rename that commits, ``latest``, then retention."""
+        write_json_atomic(tmp / MANIFEST, manifest)
+        faults.maybe_fail("commit", step)
+        if final.exists():  # a re-save of the same step (e.g. after a resume): replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        self.last_size = sum(m["size"] for m in manifest["files"].values())
+        # committed now: ``latest`` is for people and scripts (loading scans the folders), so
+        # a full disk here costs nothing and retention below frees space
+        with contextlib.suppress(OSError):
+            (self.root / (LATEST + ".tmp")).write_text(final.name + "\n")
+            os.replace(self.root / (LATEST + ".tmp"), self.root / LATEST)
+            fsync_dir(self.root)
+        self.apply_retention(protect=final)
+
+    def _agree(self, step: int, tmp: Path, failures: list[WriteFailure | None]) -> None:
+        """Every rank learns whether any rank failed to write its part; then the partial
+        checkpoint is removed and every rank raises the same ``CheckpointWriteError``."""
+        failed = [f for f in failures if f is not None]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier(long=True)
+        raise CheckpointWriteError(self._write_message(step, tmp, failed))
+
+    def _write_message(self, step: int, tmp: Path, failed: list[WriteFailure]) -> str:
+        first = failed[0]
+        where = f"rank {first.rank} on {first.host}" + (
+            f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        )
+        free = free_bytes(tmp)  # after the partial checkpoint was removed
+        need = self.expected_bytes()
+        space = f"{_mb(free)} free on its file system now" if free is not None else ""
+        if need:
+            space += f", one checkpoint needs about {_mb(need)}"
+        good = committed(self.root)
+        resume = (
+            f"the last committed checkpoint {good[0]} is intact: free space (or lower "
+            "checkpoint.keep_last, or use another --run-dir) and run the same command to resume from it"
+            if good
+            else "no checkpoint was committed yet: free space and run the same command to start again"
+        )
+        return (
+            f"checkpoint of step {step} not saved: writing {first.path} failed on {where}: "
+            f"{first.error}; {space}; the partial checkpoint {tmp.name} was removed; {resume}"
+        )
+
+    def expected_bytes(self) -> int | None:
+        """One checkpoint's size: the last one written, else the newest on disk, else the
+        estimate from the parameter count."""
+        if self.last_size:
+            return self.last_size
+        for ckpt in committed(self.root)[:1]:
+            try:
+                return sum(m["size"] for m in read_manifest(ckpt)["files"].values())
+            except (OSError, ValueError, KeyError):
+                pass
+        return self.estimate
 
     def apply_retention(self, protect: Path) -> list[Path]:
         """Delete what keep_last / keep_best / keep_every do not keep (rank 0, after commit)."""

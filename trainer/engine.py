@@ -27,6 +27,7 @@ from .config import ConfigError, RunConfig
 from .deepspeed_config import build_deepspeed_config
 from .devices import fp16_problem
 from .export import MASTER_NAMES
+from .files import guarded
 from .ops import OptimizerPlan, optimizer_plan
 
 
@@ -242,15 +243,28 @@ class DeepSpeedEngine:
     def save(self, directory: Path) -> None:
         from .distributed import get_rank
 
-        self.engine.save_checkpoint(
-            str(directory),
-            tag=ZERO_TAG,
-            save_latest=False,
-            exclude_frozen_parameters=self.peft,
-            client_state=self._master_names(),
+        # DeepSpeed's file writes go through ``guarded``: inside ``guarded_writes()`` a full
+        # disk is recorded, not raised, so this rank still reaches save_checkpoint's closing
+        # barrier and the ranks agree on the failure afterwards (trainer/checkpoint.py)
+        ce = self.engine.checkpoint_engine
+        write = ce.save
+        copy_script = self.engine._copy_recovery_script
+        ce.save = lambda state_dict, path: guarded(path, write, state_dict, path)
+        self.engine._copy_recovery_script = lambda save_path: guarded(
+            Path(save_path) / "zero_to_fp32.py", copy_script, save_path
         )
+        try:
+            self.engine.save_checkpoint(
+                str(directory),
+                tag=ZERO_TAG,
+                save_latest=False,
+                exclude_frozen_parameters=self.peft,
+                client_state=self._master_names(),
+            )
+        finally:
+            del ce.save, self.engine._copy_recovery_script  # the class's own methods again
         if self.step_hook is not None and get_rank() == 0:
-            self.step_hook.save(directory)
+            guarded(Path(directory), self.step_hook.save, directory)
 
     def _master_names(self) -> dict[str, Any]:
         """ZeRO-0 at bf16 / fp16: DeepSpeed saves its FP16 optimizer's fp32 master copies
@@ -478,9 +492,9 @@ class DDPEngine:
             }
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
-            torch.save(state, d / "state.pt")
+            guarded(d / "state.pt", torch.save, state, d / "state.pt")
             if self.step_hook is not None:
-                self.step_hook.save(directory)
+                guarded(Path(directory), self.step_hook.save, directory)
 
     def module_state(self) -> dict[str, torch.Tensor]:
         """The module's state; under PEFT its trainable parameters only."""

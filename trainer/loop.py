@@ -152,6 +152,9 @@ class Trainer:
             if code == ExitCode.DONE:
                 self.finish()
             return code
+        except ckpt_mod.CheckpointWriteError as e:  # every rank raised it, after agreeing
+            self.log(f"error: {e}")
+            return ExitCode.FAILED
         finally:
             self.close(preempted=code == ExitCode.PREEMPTED)
 
@@ -200,6 +203,13 @@ class Trainer:
             hf_writer=write_hf,
         )
         self.ckpts.clean_stale()
+        self.ckpts.estimate = ckpt_mod.expected_checkpoint_bytes(
+            self.num_parameters, self.num_trainable, cfg.precision
+        )
+        if self.rank == 0:
+            warning = ckpt_mod.space_warning(self.run_dir, self.ckpts.expected_bytes())
+            if warning:
+                self.log(warning)
         universal = load_dir is not None and load_dir != resume_from
         self.engine = build_engine(
             cfg, model, self.plan, self.total, self.device, load_universal=universal
