@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "validate", help="check a config (and its data) without training; exit 2 on any problem"
     )
-    add_run_arguments(v, run_dir=False, resume=False)
+    add_run_arguments(v)  # --run-dir / --resume: checked as `train` would use them
     v.add_argument("--nproc-per-node", help="world size to check the batch arithmetic against")
     v.add_argument("--nnodes", type=int, default=1)
     v.add_argument("--no-data", action="store_true", help="skip loading the data files")
@@ -69,8 +69,15 @@ def cmd_validate(args) -> int:
         return ExitCode.DONE
     from .preflight import check
 
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     pf = check(
-        args.config, args.overrides, args.nproc_per_node, args.nnodes, check_data=not args.no_data
+        args.config,
+        args.overrides,
+        args.nproc_per_node,
+        args.nnodes,
+        check_data=not args.no_data,
+        run_dir=run_dir,
+        resume=args.resume,
     )
     if pf.problems:
         return report_config_error(ConfigError(pf.problems))
@@ -105,7 +112,9 @@ def cmd_train(args) -> int:
 
     from .preflight import check
 
-    pf = check(args.config, args.overrides, args.nproc_per_node)
+    pf = check(
+        args.config, args.overrides, args.nproc_per_node, run_dir=run_dir, resume=args.resume
+    )
     if pf.problems:
         return report_config_error(ConfigError(pf.problems))
     pf.print_notes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trainer.batch import BatchPlan, resolve_batch
 from trainer.config import ConfigError, RunConfig, load_config
@@ -34,6 +35,7 @@ class Preflight:
     problems: list[str]
     notes: list[str] = field(default_factory=list)  # worth knowing, not wrong (e.g. slow optimizer)
     optimizer: str = ""  # which AdamW the ranks will build (trainer/ops.py)
+    warnings: list[str] = field(default_factory=list)  # the data was changed or looks wrong
 
     @property
     def ok(self) -> bool:
@@ -42,6 +44,8 @@ class Preflight:
     def print_notes(self) -> None:
         for note in self.notes:
             print(f"zerotune: note: {note}", file=sys.stderr)
+        for warning in self.warnings:
+            print(f"zerotune: warning: {warning}", file=sys.stderr)
 
 
 def resolve_nproc(cli_value: str | int | None, cfg: RunConfig) -> int:
@@ -67,11 +71,14 @@ def check(
     nnodes: int = 1,
     check_data: bool = True,
     job_gpus: int | None = None,
+    run_dir: Path | None = None,
+    resume: str | None = None,
 ) -> Preflight:
     """Raises ConfigError for an unreadable/invalid config; collects every other problem.
 
     ``job_gpus``: GPUs per node of a job that runs elsewhere (``zerotune submit``): the
-    device checks then use the job's GPUs, not this machine's.
+    device checks then use the job's GPUs, not this machine's. ``run_dir`` / ``resume``:
+    where the run will write and what it resumes, checked without writing anything.
     """
     cfg = load_config(config, overrides)
     if check_data:
@@ -111,16 +118,22 @@ def check(
             notes += filter(None, [accumulation_note(cfg, ds)])
     except ConfigError as e:
         problems.extend(e.problems)
+    if run_dir is not None:
+        problems += filter(None, [run_dir_problem(run_dir)])
+    if resume is not None:
+        problems += filter(None, [resume_problem(resume)])
     train_rows = None
+    warnings: list[str] = []
     if check_data:
         try:
-            train_rows = _check_data(cfg)
+            train_rows = _check_data(cfg, warnings)
         except ConfigError as e:
             problems.extend(e.problems)
         if train_rows is not None and plan is not None and train_rows < plan.global_batch:
+            carved = "" if cfg.data.validation else " after the validation carve-out"
             problems.append(
-                f"train.global_batch_size={plan.global_batch} is larger than the training set ({train_rows} rows "
-                "after the validation carve-out): lower the batch size or add data"
+                f"data.train={cfg.data.train!r} has {train_rows} rows{carved}, fewer than one global "
+                f"batch (train.global_batch_size={plan.global_batch}): lower the batch size or add data"
             )
     return Preflight(
         cfg=cfg,
@@ -131,11 +144,60 @@ def check(
         problems=list(dict.fromkeys(problems)),  # the optimizer's problem may come twice
         notes=notes,
         optimizer=optimizer.description,
+        warnings=warnings,
     )
 
 
-def _check_data(cfg: RunConfig) -> int:
+def run_dir_problem(run_dir: Path) -> str | None:
+    """A run directory that cannot be created or written, found without leaving anything:
+    a path through a file, a file in its place, or a directory (or the nearest existing
+    parent) this process cannot write. Permission bits do not stop root, a read-only
+    mount does: a probe file, created and removed at once, asks the file system itself."""
+    import tempfile
+
+    run_dir = Path(run_dir).expanduser().absolute()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p.is_symlink())
+    where = f"run directory {str(run_dir)!r}"
+    if not existing.is_dir():
+        what = (
+            "is a file" if existing == run_dir else f"lies under {str(existing)!r}, which is a file"
+        )
+        return f"{where} {what}: choose another --run-dir"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".zerotune-probe-", dir=existing)
+    except OSError as e:
+        verb = "write in it:" if existing == run_dir else f"create it in {str(existing)!r}:"
+        return (
+            f"{where}: cannot {verb} {e.strerror or e}: choose a writable --run-dir "
+            "or fix the permissions"
+        )
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def resume_problem(resume: str) -> str | None:
+    """``--resume PATH``: a checkpoint (with its manifest) or a run directory (with
+    checkpoints/); whether it verifies is the rank's check."""
+    if resume in ("auto", "never"):
+        return None
+    p = Path(resume).expanduser()
+    if not p.exists():
+        return (
+            f"--resume {resume!r}: no such checkpoint or run directory (working directory {os.getcwd()}); "
+            "give a checkpoint folder (RUN_DIR/checkpoints/step_N) or a run directory, or --resume auto"
+        )
+    if not (p / "manifest.json").is_file() and not (p / "checkpoints").is_dir():
+        return (
+            f"--resume {resume!r} is neither a checkpoint (no manifest.json) nor a run directory "
+            "(no checkpoints/): give RUN_DIR/checkpoints/step_N or a run directory"
+        )
+    return None
+
+
+def _check_data(cfg: RunConfig, warnings: list[str]) -> int:
     from trainer.data import check_splits, load_raw_splits
+    from trainer.datacheck import max_length_problem
     from trainer.models import build_tokenizer, builtin_problem, is_builtin
     from trainer.tasks import build_task
 
@@ -144,6 +206,7 @@ def _check_data(cfg: RunConfig) -> int:
     num_labels = None
     try:
         num_labels = task.model_num_labels(cfg)
+        problems += filter(None, [max_length_problem(cfg)])
     except ConfigError as e:
         problems.extend(e.problems)
     from trainer.adapters import preflight_problem
@@ -158,12 +221,12 @@ def _check_data(cfg: RunConfig) -> int:
         problems.append(builtin_problem(cfg.model.name_or_path))
     splits = None
     try:
-        splits = load_raw_splits(cfg)
+        splits = load_raw_splits(cfg, warnings)
     except ConfigError as e:
         problems.extend(e.problems)
     if splits is not None:
         try:
-            check_splits(cfg, splits, num_labels)
+            check_splits(cfg, splits, num_labels, warnings)
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:

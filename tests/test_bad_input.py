@@ -80,7 +80,7 @@ def test_labels_out_of_range(capsys, tmp_path, tsv):
         "data.validation_fraction=0.5",
     )
     assert rc == 2 and not run_dir.exists()
-    assert "labels [5] outside 0..1" in err
+    assert "column 'label': 1 out-of-range (0..1) label (e.g. 5) at line 202" in err
 
 
 def test_several_problems_reported_together(capsys, tmp_path):

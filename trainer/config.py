@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -102,6 +103,14 @@ class DataConfig(_Section):
         "tags", description="token_classification: column of tag lists (BIO / IOBES strings)"
     )
     max_length: int = Field(128, ge=8, description="Truncate sequences to this many tokens")
+    encoding: str = Field(
+        "utf-8",
+        description="Text encoding of local csv / tsv / json / jsonl / CoNLL files (e.g. latin-1, cp1252, utf-16)",
+    )
+    on_empty_text: Literal["error", "drop"] = Field(
+        "error",
+        description="Rows whose text is empty or missing: error (name them), or drop (leave them out with a warning naming them)",
+    )
     validation_fraction: float = Field(
         0.1,
         gt=0.0,
@@ -127,6 +136,19 @@ class DataConfig(_Section):
     pin_memory: bool | Literal["auto"] = Field(
         "auto", description="Pinned host memory for faster copies to the GPU; auto: on GPU only"
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(
+                f"data.encoding={value!r}: unknown encoding (use a Python codec name: utf-8, latin-1, cp1252, ...)"
+            ) from None
+        return value
 
 
 class TrainConfig(_Section):

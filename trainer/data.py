@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .config import LOADER_KEYS, ConfigError, RunConfig
+from .datacheck import Source, check_cells, check_file
 from .tasks import LabelInfo, build_task
 
 LOCAL_FORMATS = {
@@ -61,29 +62,38 @@ def _load_one(cfg: RunConfig, spec: str, split: str, which: str):
             )
         seed = {"train": 0, "validation": 1, "test": 2}[which]
         n = cfg.data.builtin_size if which == "train" else max(cfg.data.builtin_size // 4, 100)
-        return datasets.Dataset.from_dict(builtin_data.GENERATORS[name](n, seed=seed * 7919 + 17))
+        rows = builtin_data.GENERATORS[name](n, seed=seed * 7919 + 17)
+        return datasets.Dataset.from_dict(rows), None  # generated: nothing to check
     if kind == "file":
         p = Path(spec).expanduser()
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(
                 f"data.{which}={spec!r}: file not found (working directory {os.getcwd()})"
             )
         fmt = LOCAL_FORMATS.get(p.suffix.lower())
-        if fmt is None:
+        source = Source(which, spec, fmt or "", encoding=cfg.data.encoding)
+        if fmt is None and not p.is_dir():
             raise ConfigError(
                 f"data.{which}={spec!r}: unsupported file type {p.suffix!r}; use one of {sorted(LOCAL_FORMATS)}"
             )
+        check_file(p, source, tsv=p.suffix.lower() == ".tsv")  # folder, empty, encoding
         if fmt == "conll":
-            return read_conll(p, cfg.data.tokens_column, cfg.data.tags_column, which)
-        kwargs: dict[str, Any] = {}
+            ds = read_conll(
+                p, cfg.data.tokens_column, cfg.data.tags_column, which, cfg.data.encoding
+            )
+            return ds, source
+        kwargs: dict[str, Any] = {} if fmt == "parquet" else {"encoding": cfg.data.encoding}
         if p.suffix.lower() == ".tsv":
-            kwargs = {"delimiter": "\t", "quoting": 3}  # GLUE-style: no quoting
+            kwargs.update(delimiter="\t", quoting=3)  # GLUE-style: no quoting
         try:
-            return datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
-        except Exception as e:  # malformed file: say which
-            raise ConfigError(f"data.{which}={spec!r}: could not read as {fmt}: {e}") from None
+            return datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs), source
+        except Exception as e:  # malformed file: say which, with the parser's own reason
+            raise ConfigError(
+                f"data.{which}={spec!r}: could not read as {fmt}: {root_cause(e)}"
+            ) from None
     try:
-        return datasets.load_dataset(spec, cfg.data.hub_config, split=split, revision=None)
+        ds = datasets.load_dataset(spec, cfg.data.hub_config, split=split, revision=None)
+        return ds, Source(which, spec, "hub")
     except Exception as e:
         raise ConfigError(
             f"data.{which}={spec!r}: not a local file and could not be loaded from the hub ({type(e).__name__}: {e}). "
@@ -91,7 +101,17 @@ def _load_one(cfg: RunConfig, spec: str, split: str, which: str):
         ) from None
 
 
-def read_conll(path: Path, tokens_column: str, tags_column: str, which: str):
+def root_cause(e: BaseException) -> str:
+    """The innermost reason of a chained exception (datasets wraps the parser's error in
+    "An error occurred while generating the dataset")."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {e}"
+
+
+def read_conll(
+    path: Path, tokens_column: str, tags_column: str, which: str, encoding: str = "utf-8"
+):
     """CoNLL-style text: one word per line, the word in the first column and its tag in the
     last (space or tab separated), a blank line between sentences, ``-DOCSTART-`` lines
     ignored."""
@@ -100,7 +120,7 @@ def read_conll(path: Path, tokens_column: str, tags_column: str, which: str):
     sentences: list[tuple[list[str], list[str]]] = []
     words: list[str] = []
     tags: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=encoding) as f:
         for number, line in enumerate(f, 1):
             cols = line.split()
             if not cols or cols[0] == "-DOCSTART-":
@@ -128,19 +148,28 @@ def read_conll(path: Path, tokens_column: str, tags_column: str, which: str):
     )
 
 
-def load_raw_splits(cfg: RunConfig) -> dict[str, Any]:
+def load_raw_splits(cfg: RunConfig, notes: list[str] | None = None) -> dict[str, Any]:
     """train / validation / (test) as `datasets.Dataset`, validation carved if absent.
 
-    Each loaded source is first read by the task (``Task.read_source``: rows checked where
-    their numbers are still the file's, before the carve-out); all problems are raised
-    together."""
+    Each loaded source is first checked cell by cell (``trainer.datacheck``) and read by
+    the task (``Task.read_source``), both where row numbers are still the file's, before
+    the carve-out; all problems are raised together. ``notes`` receives warnings (rows
+    dropped under ``data.on_empty_text=drop``)."""
     d = cfg.data
     task = build_task(cfg)
     problems: list[str] = []
 
     def load(spec: str, split: str, which: str):
-        ds = _load_one(cfg, spec, split, which)
         try:
+            ds, source = _load_one(cfg, spec, split, which)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return None
+        try:
+            if source is not None:
+                ds = check_cells(cfg, task, ds, source)
+                if notes is not None:
+                    notes.extend(source.notes)
             return task.read_source(ds, which)
         except ConfigError as e:
             problems.extend(e.problems)
@@ -171,7 +200,10 @@ def load_raw_splits(cfg: RunConfig) -> dict[str, Any]:
 
 
 def check_splits(
-    cfg: RunConfig, splits: dict[str, Any], model_num_labels: int | None = None
+    cfg: RunConfig,
+    splits: dict[str, Any],
+    model_num_labels: int | None = None,
+    notes: list[str] | None = None,
 ) -> LabelInfo | None:
     """Columns exist and labels fit; all problems at once, naming split, column and value."""
     task = build_task(cfg)
@@ -184,7 +216,7 @@ def check_splits(
                 problems.append(f"{key} {col!r} not in {split} columns {ds.column_names}")
     if problems:
         raise ConfigError(problems)
-    return task.check_labels(splits, model_num_labels)
+    return task.check_labels(splits, model_num_labels, notes)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,33 +289,30 @@ class Prepared:
     path: Path
 
 
-def prepare(cfg: RunConfig, is_local_leader: bool, barrier) -> Prepared:
+def prepare(cfg: RunConfig, is_local_leader: bool, barrier=None) -> Prepared:
     """Tokenise once per node: local rank 0 builds into the cache (atomic rename), the
-    other ranks wait at the barrier and load the same files."""
+    other ranks wait and load the same files.
+
+    The wait is an exchange on the long group (``barrier`` is no longer needed): a ConfigError of a leader (bad data
+    that pre-flight did not see, e.g. under a bare torchrun) reaches every rank, so all
+    raise it and exit 2 with one message, instead of the others waiting out the long
+    timeout or being torn down with a traceback each."""
     import datasets
     from transformers import AutoTokenizer
 
-    from .models import build_tokenizer, tokenizer_id
+    from .distributed import all_gather_object
+    from .models import tokenizer_id
 
-    task = build_task(cfg)
     path = cache_root(cfg) / cache_key(cfg, tokenizer_id(cfg))
+    error = None
     if is_local_leader and not (path / "DONE").exists():
-        raw = load_raw_splits(cfg)
-        labels = check_splits(cfg, raw, task.model_num_labels(cfg))
-        tokenizer = build_tokenizer(cfg, task, lambda: task.vocabulary_texts(raw["train"]))
-        splits = tokenize_splits(cfg, raw, tokenizer, labels)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        datasets.DatasetDict(splits).save_to_disk(str(tmp))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        (tmp / "labels.json").write_text(json.dumps(labels.__dict__ if labels else None))
-        (tmp / "DONE").write_text("ok")
         try:
-            os.replace(tmp, path)
-        except OSError:  # another process won the race; use theirs
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
+            _build_cache(cfg, path)
+        except ConfigError as e:
+            error = e.problems
+    failed = [problems for problems in all_gather_object(error, long=True) if problems]
+    if failed:
+        raise ConfigError(failed[0])
     dd = datasets.load_from_disk(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     info = json.loads((path / "labels.json").read_text())
@@ -293,6 +322,29 @@ def prepare(cfg: RunConfig, is_local_leader: bool, barrier) -> Prepared:
         labels=LabelInfo(**info) if info else None,
         path=path,
     )
+
+
+def _build_cache(cfg: RunConfig, path: Path) -> None:
+    import datasets
+
+    from .models import build_tokenizer
+
+    task = build_task(cfg)
+    raw = load_raw_splits(cfg)
+    labels = check_splits(cfg, raw, task.model_num_labels(cfg))
+    tokenizer = build_tokenizer(cfg, task, lambda: task.vocabulary_texts(raw["train"]))
+    splits = tokenize_splits(cfg, raw, tokenizer, labels)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    datasets.DatasetDict(splits).save_to_disk(str(tmp))
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    (tmp / "labels.json").write_text(json.dumps(labels.__dict__ if labels else None))
+    (tmp / "DONE").write_text("ok")
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race; use theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

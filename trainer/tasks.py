@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from .config import ConfigError, DataConfig, RunConfig
+from .datacheck import CellProblem, plural
 from .distributed import all_gather_object, all_reduce_sum
 from .entities import entity_counts, entity_metrics, entity_report, entity_types, tag_problem
 
@@ -87,9 +88,19 @@ class Task:
         """The texts the builtin word tokenizer learns its vocabulary from."""
         return ds[self.data.text_column]
 
+    def text_columns(self) -> dict[str, str]:
+        """config key → column whose every cell must be non-empty text (checked with the
+        file's row numbers before tokenising: a None reaches the tokenizer as a crash)."""
+        return {}
+
+    def cell_problems(self, ds) -> list[CellProblem]:
+        """Cells of one loaded source the task cannot use, besides its text columns."""
+        return []
+
     def check_labels(
-        self, splits: dict[str, Any], model_num_labels: int | None
+        self, splits: dict[str, Any], model_num_labels: int | None, notes: list[str] | None = None
     ) -> LabelInfo | None:
+        """The label set of the carved splits; ConfigError if unusable, ``notes`` get warnings."""
         return None
 
     def model_num_labels(self, cfg: RunConfig) -> int | None:
@@ -188,27 +199,126 @@ class ClassificationTask(Task):
             return len(conf.id2label)
         return None
 
-    def check_labels(self, splits: dict[str, Any], model_num_labels: int | None) -> LabelInfo:
+    def text_columns(self) -> dict[str, str]:
+        d = self.data
+        cols = {"data.text_column": d.text_column}
+        if d.text_pair_column:
+            cols["data.text_pair_column"] = d.text_pair_column
+        return cols
+
+    def cell_problems(self, ds) -> list[CellProblem]:
+        """Missing labels, labels that are not class ids, ids outside the head (when its
+        size is known before the labels are seen: model.num_labels or the model's head)."""
         col = self.data.label_column
+        if col not in ds.column_names:
+            return []
+        values = ds[col]
+        missing = [
+            i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())
+        ]
+        out = []
+        if missing:
+            out.append(
+                CellProblem(
+                    col,
+                    missing,
+                    plural(len(missing), "missing label"),
+                    "fill in the class of each row or remove those rows",
+                )
+            )
+        present = [(i, v) for i, v in enumerate(values) if i not in set(missing)]
+        if all(isinstance(v, str) for _, v in present):
+            ids = [i for i, v in present if v.strip().lstrip("-").isdigit()]
+            if not ids or len(ids) == len(present):
+                return out  # class names throughout (digit strings: a header-less guess)
+            bad = [i for i, v in present if not v.strip().lstrip("-").isdigit()]
+        else:
+            bad = [i for i, v in present if not is_class_id(v)]
+        if bad:
+            out.append(
+                CellProblem(
+                    col,
+                    bad,
+                    plural(len(bad), "non-integer label")
+                    + f" among integer ones (e.g. {values[bad[0]]!r})",
+                    "use integer ids 0..K-1 throughout, or class names throughout",
+                )
+            )
+            return out
+        num = self.cfg.model.num_labels or self.model_num_labels(self.cfg)
+        negative = [i for i, v in present if v < 0]
+        beyond = [i for i, v in present if num and v >= num]
+        for rows, what in ((negative, "negative"), (beyond, f"out-of-range (0..{(num or 0) - 1})")):
+            if rows:
+                source = "model.num_labels" if self.cfg.model.num_labels else "the model's head"
+                fix = (
+                    "class ids start at 0"
+                    if what == "negative"
+                    else f"num_labels={num} from {source}"
+                )
+                out.append(
+                    CellProblem(
+                        col,
+                        rows,
+                        plural(len(rows), f"{what} label") + f" (e.g. {values[rows[0]]!r})",
+                        f"{fix}; fix the data or set model.num_labels",
+                    )
+                )
+        return out
+
+    def read_source(self, ds, which: str):
+        """A label column with an empty cell is read as floats; once the cells are checked
+        (integral), the ids are ints again."""
+        import datasets
+
+        col = self.data.label_column
+        if getattr(ds.features.get(col), "dtype", None) in ("float16", "float32", "float64"):
+            ds = ds.cast_column(col, datasets.Value("int64"))
+        return ds
+
+    def check_labels(
+        self, splits: dict[str, Any], model_num_labels: int | None, notes: list[str] | None = None
+    ) -> LabelInfo:
+        """Integer ids must be 0..K-1 with every class present, unless the head size is
+        given (model.num_labels, or the model's own head): a gap would train a class that
+        never occurs and macro-F1 would average it in. One class only is refused."""
+        col = self.data.label_column
+        where = f"data.train={self.data.train!r} column {col!r}"
         configured = self.cfg.model.num_labels
         values = {s: ds[col] for s, ds in splits.items()}
+        train_classes = sorted(set(values["train"]), key=str)
+        if len(train_classes) == 1:
+            raise ConfigError(
+                f"{where}: every training row has label {train_classes[0]!r}: a classifier needs "
+                "at least two classes; check data.label_column and the file"
+            )
         problems = []
         if all(isinstance(v, str) for vals in values.values() for v in vals):
             names = sorted({v for vals in values.values() for v in vals})
             return LabelInfo(num_labels=configured or len(names), names=names)
-        bad = [
-            (s, v)
-            for s, vals in values.items()
-            for v in vals
-            if not isinstance(v, int) or isinstance(v, bool)
-        ]
+        bad = [(s, v) for s, vals in values.items() for v in vals if not is_class_id(v)]
         if bad:
             s, v = bad[0]
             raise ConfigError(
                 f"data.label_column {col!r} in {s}: label {v!r} is not an integer class id (or use string labels throughout)"
             )
-        observed = max(max(vals) for vals in values.values() if vals) + 1
-        num = configured or model_num_labels or max(observed, 2)
+        observed = {int(v) for vals in values.values() for v in vals}
+        num = configured or model_num_labels or max(max(observed) + 1, 2)
+        absent = sorted(set(range(num)) - {int(v) for v in values["train"]})
+        if absent and not (configured or model_num_labels):
+            gaps = sorted(set(range(num)) - observed)
+            if gaps:
+                raise ConfigError(
+                    f"{where}: the labels are {sorted(observed)[:10]}, so class(es) {gaps[:10]} have no rows: "
+                    f"a {num}-class head would train classes that never occur and macro-F1 would count them. "
+                    f"Renumber the labels 0..{len(observed) - 1} (or use class names), or set "
+                    f"model.num_labels={num} if the data really lacks those classes"
+                )
+        if absent and notes is not None:
+            notes.append(
+                f"{where}: class(es) {absent[:10]} of the {num} have no training rows "
+                "(the head is sized by model.num_labels or the model)"
+            )
         for s, vals in values.items():
             out = sorted({v for v in vals if v < 0 or v >= num})
             if out:
@@ -286,9 +396,19 @@ class ClassificationEvaluation(Evaluation):
         return EvalResult(metrics, {**m, "per_class": per_class})
 
 
+def is_class_id(v: Any) -> bool:
+    """An int (not a bool), or a float with an integral value (a column read with a gap)."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+
+
 def classification_metrics(
     preds: list[int], labels: list[int], num_labels: int, names: list[str] | None = None
 ) -> dict[str, Any]:
+    """Per-class figures for every class; macro-F1 averages the classes that occur in the
+    gold labels or the predictions (as scikit-learn does), so a class with no rows at all
+    does not pull it down with a 0."""
     n = len(labels)
     correct = sum(int(p == y) for p, y in zip(preds, labels))
     per_class = {}
@@ -300,7 +420,8 @@ def classification_metrics(
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        f1s.append(f1)
+        if tp + fp + fn:  # the class occurs in the gold labels or the predictions
+            f1s.append(f1)
         per_class[names[c] if names else str(c)] = {
             "precision": prec,
             "recall": rec,
@@ -486,7 +607,9 @@ class TokenClassificationTask(Task):
                 return f"{d.tags_column!r}: {problem}"
         return None
 
-    def check_labels(self, splits: dict[str, Any], model_num_labels: int | None) -> LabelInfo:
+    def check_labels(
+        self, splits: dict[str, Any], model_num_labels: int | None, notes: list[str] | None = None
+    ) -> LabelInfo:
         """The label set is the training file's tags, sorted; a tag the validation or test
         data has beyond it is an error (the model could never predict it)."""
         d = self.data
