@@ -238,6 +238,38 @@ class LoggingConfig(_Section):
     )
 
 
+class ScalingConfig(_Section):
+    """What throughput, MFU and cost are measured against (trainer/throughput.py, hardware.py)."""
+
+    device_name: str | None = Field(
+        None,
+        description="Device for the peak and price tables (e.g. 'H100 SXM', 'A100 80GB'); default "
+        "the detected one (torch.cuda.get_device_name, or cpu)",
+    )
+    peak_tflops_per_device: float | None = Field(
+        None,
+        gt=0,
+        description="Peak dense TFLOP/s of one device at the run's precision, the MFU denominator; "
+        "default the table in trainer/hardware.py (GPU) or a cached matmul probe (CPU)",
+    )
+    price_per_device_hour: float | None = Field(
+        None,
+        ge=0,
+        description="USD per device-hour for results.json's cost; default the list-price table in "
+        "trainer/hardware.py (PRICES_AS_OF), on CPU a per-core price × the rank's threads",
+    )
+    flops_per_token: float | None = Field(
+        None,
+        gt=0,
+        description="Training FLOPs per token; default from the model config (6·N + 12·layers·hidden·seq_len, trainer/flops.py)",
+    )
+    target_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="A training-token target: results.json's cost also says the time and money to reach it",
+    )
+
+
 class PeftConfig(_Section):
     """Parameter-efficient fine-tuning through the ``peft`` library (trainer/adapters.py)."""
 
@@ -314,6 +346,7 @@ class RunConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

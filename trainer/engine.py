@@ -13,6 +13,7 @@ micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,11 @@ def _add_loss(total: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
     return loss if total is None else total + loss
 
 
+def _untimed(phase: str) -> contextlib.AbstractContextManager:
+    """The engines' phase timer when the loop set none (``trainer.throughput.PhaseTimer``)."""
+    return contextlib.nullcontext()
+
+
 def _grad_norm(params) -> float:
     norms = [p.grad.detach().float().norm(2) for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms), 2)) if norms else 0.0
@@ -188,6 +194,7 @@ class DeepSpeedEngine:
         if self.step_hook is not None and self.stage == 3:
             self.step_hook.on_zero3(self.module)
         self.universal = load_universal
+        self.timer = self.probe = None  # set by the loop: phase timing, model-state snapshots
 
     def train(self) -> None:
         self.engine.train()
@@ -207,16 +214,24 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches):
         total = None
         manual_norm = None
+        timer = self.timer or _untimed
         for i, batch in enumerate(micro_batches):
-            out = self.engine(**_to(batch, self.device))
-            self.engine.backward(out.loss)
+            with timer("forward"):
+                out = self.engine(**_to(batch, self.device))
+            with timer("backward"):
+                self.engine.backward(out.loss)
+            if self.probe is not None:
+                self.probe()  # gradients of this micro-step held, before step() frees them
             last = i == len(micro_batches) - 1
             if last and self.stage == 0 and self.engine.bfloat16_enabled() is False:
                 manual_norm = _grad_norm(self.engine.module.parameters())  # grads already averaged
             if last and self.step_hook is not None:
                 self.step_hook.before_step()  # the boundary's whole gradients, before step()
-            self.engine.step()
+            with timer("optimizer"):
+                self.engine.step()
             total = _add_loss(total, out.loss)
+        if self.probe is not None:
+            self.probe()
         # the last step() was the accumulation boundary: did it update the weights?
         skipped = not self.engine.was_step_applied()
         if self.step_hook is not None:
@@ -417,6 +432,7 @@ class DDPEngine:
         self.ds_config = None
         self.peft = is_peft_model(model)
         self.step_hook = build_step_hook(model)
+        self.timer = self.probe = None  # set by the loop: phase timing, model-state snapshots
 
     def train(self) -> None:
         self.model.train()
@@ -438,15 +454,21 @@ class DDPEngine:
 
         total = None
         n = len(micro_batches)
+        timer = self.timer or _untimed
         for i, batch in enumerate(micro_batches):
             sync = i == n - 1 or not hasattr(self.model, "no_sync")
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx:
-                with self._autocast():
+                with timer("forward"), self._autocast():
                     out = self.model(**_to(batch, self.device))
                 loss = out.loss / n
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                with timer("backward"):
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = _add_loss(total, out.loss)
+            if self.probe is not None:
+                self.probe()
+        optimizer_phase = timer("optimizer")
+        optimizer_phase.__enter__()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.step_hook is not None:
@@ -472,6 +494,9 @@ class DDPEngine:
         if self.step_hook is not None:
             self.step_hook.after_step(applied=not skipped)
         self.optimizer.zero_grad(set_to_none=True)
+        optimizer_phase.__exit__(None, None, None)
+        if self.probe is not None:
+            self.probe()
         scale = float(self.scaler.get_scale()) if self.scaler else None
         return StepResult(loss=total.item() / n, grad_norm=norm, loss_scale=scale, skipped=skipped)
 

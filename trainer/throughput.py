@@ -1,0 +1,181 @@
+"""Throughput counted, not guessed: what an optimizer step did, how long it took, at what MFU.
+
+Per optimizer step each rank adds the samples and *non-padding* tokens of its micro-batches
+(all of them: accumulation included) and its wall time; at a log step the ranks sum samples,
+tokens and FLOPs and take the **slowest** rank's time (max, not mean) for the whole window
+since the previous log step. So, for a window of ``n`` steps:
+
+    step_time_s   = max over ranks of Σ step seconds / n
+    samples_per_s = Σ samples (all ranks) / (n · step_time_s)
+    tokens_per_s  = Σ non-padding tokens (all ranks) / (n · step_time_s)
+    tflops_per_device = Σ model FLOPs / (n · step_time_s) / world / 1e12
+    mfu           = tflops_per_device / peak TFLOP/s of one device
+
+None of these change with gradient accumulation or world size at the same global batch and
+data (tests/test_throughput.py). The summary (``results.json["throughput"]``) is the same
+over every step this process ran except its first ``warmup`` ones (compile, allocator and
+cache warm-up; a resumed run warms up again).
+
+The step's time is split into data wait (the loop waiting on the DataLoader), forward,
+backward (with ZeRO's gradient reduction hooks) and optimizer (with ZeRO's boundary
+reduction / all-gather): ``PhaseTimer`` on CPU is ``perf_counter`` (exact: CPU work is
+synchronous); on CUDA it records events and reads them only at log steps, so there is no
+extra host-device sync per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+class PhaseTimer:
+    """``with timer("forward"): ...`` adds the block's seconds to that phase."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.events: list[tuple[str, Any, Any]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((phase, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds[phase] += time.perf_counter() - t0
+
+    def take(self) -> dict[str, float]:
+        """Seconds per phase since the last call (CUDA: one sync, here, at a log step)."""
+        if self.events:
+            torch.cuda.synchronize()
+            for phase, start, end in self.events:
+                self.seconds[phase] += start.elapsed_time(end) / 1000.0
+            self.events.clear()
+        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(samples, non-padding tokens, Σ of squared sequence lengths) of one micro-batch."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=-1)
+    return int(mask.shape[0]), int(lengths.sum()), int((lengths * lengths).sum())
+
+
+class Window:
+    """Running sums of one rank over a log window (or over the whole timed run)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self.samples = 0
+        self.tokens = 0
+        self.sq_tokens = 0
+        self.phases = dict.fromkeys(PHASES, 0.0)
+
+    def add(
+        self, seconds: float, samples: int, tokens: int, sq: int, phases: dict[str, float]
+    ) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.samples += samples
+        self.tokens += tokens
+        self.sq_tokens += sq
+        for k, v in phases.items():
+            self.phases[k] += v
+
+
+def reduce_window(w: Window, device: torch.device) -> dict[str, float]:
+    """Sums over ranks of the counts, the slowest rank's seconds (and phase seconds)."""
+    import torch.distributed as dist
+
+    sums = torch.tensor([w.samples, w.tokens, w.sq_tokens], dtype=torch.float64)
+    maxes = torch.tensor([w.seconds, *(w.phases[p] for p in PHASES)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend = dist.get_backend()
+        dev = device if backend == "nccl" else torch.device("cpu")
+        sums, maxes = sums.to(dev), maxes.to(dev)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    samples, tokens, sq = (float(x) for x in sums.cpu())
+    seconds, *phases = (float(x) for x in maxes.cpu())
+    return {
+        "steps": w.steps,
+        "seconds": seconds,
+        "samples": samples,
+        "tokens": tokens,
+        "sq_tokens": sq,
+        "phases": dict(zip(PHASES, phases)),
+    }
+
+
+class Throughput:
+    """The loop's accounting: ``step(...)`` per optimizer step, ``window(...)`` at a log step,
+    ``summary(...)`` at the end. ``flops_per_token(seq_len)`` and ``peak`` (TFLOP/s of one
+    device, or None) come from trainer.flops / trainer.hardware."""
+
+    def __init__(self, warmup: int, world: int, flops_per_token, peak: float | None):
+        self.warmup, self.world = warmup, world
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self.steps_run = 0
+        self.current = Window()
+        self.timed = Window()
+
+    def step(self, seconds: float, micro_batches: list[dict], phases: dict[str, float]) -> None:
+        samples = tokens = sq = 0
+        for b in micro_batches:
+            n, t, s = batch_counts(b)
+            samples, tokens, sq = samples + n, tokens + t, sq + s
+        self.steps_run += 1
+        self.current.add(seconds, samples, tokens, sq, phases)
+        if self.steps_run > self.warmup:
+            self.timed.add(seconds, samples, tokens, sq, phases)
+
+    def figures(self, r: dict[str, Any]) -> dict[str, Any]:
+        """Window (or summary) figures from ``reduce_window``'s sums."""
+        steps, seconds = r["steps"], r["seconds"]
+        if not steps or seconds <= 0:
+            return {}
+        step_time = seconds / steps
+        seq_len = r["sq_tokens"] / r["tokens"] if r["tokens"] else 0.0
+        fpt = self.flops_per_token(seq_len) if r["tokens"] else None
+        tflops = fpt * r["tokens"] / seconds / self.world / 1e12 if fpt is not None else None
+        out = {
+            "step_time_s": step_time,
+            "samples_per_s": r["samples"] / seconds,
+            "tokens_per_s": r["tokens"] / seconds,
+            "samples_per_step": r["samples"] / steps,
+            "tokens_per_step": r["tokens"] / steps,
+            "attention_seq_len": seq_len,
+            "flops_per_token": fpt,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak if tflops is not None and self.peak else None,
+        }
+        out.update({f"{p}_time_s": r["phases"][p] / steps for p in PHASES})
+        return out
+
+    def window(self, device: torch.device) -> dict[str, Any]:
+        """The log window's figures (a collective: every rank calls it), then a new window."""
+        r = reduce_window(self.current, device)
+        self.current = Window()
+        return self.figures(r)
+
+    def summary(self, device: torch.device) -> dict[str, Any]:
+        """The timed steps' figures (a collective)."""
+        r = reduce_window(self.timed, device)
+        out = self.figures(r)
+        out.update(steps_timed=r["steps"], warmup_steps_excluded=self.warmup)
+        return out
