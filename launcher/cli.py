@@ -1,4 +1,4 @@
-"""``zerotune``: train, validate, submit, doctor, export.
+"""``zerotune``: train, validate, submit, doctor, export; estimate, sweep, report (``scaling/``).
 
 zerotune train                                   # embedded demo, 2 ranks on CPU, offline
 zerotune train configs/sst2-minilm.yaml --nproc-per-node 2 --run-dir runs/sst2 --set train.max_steps=300
@@ -49,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_parser(sub)
     doctor.add_parser(sub)
     export.add_parser(sub)
+    from scaling import cli as scaling_cli
+
+    scaling_cli.add_parsers(sub, check=_preflight_check)
     return parser
+
+
+def _preflight_check(*args, **kwargs):
+    """The pre-flight for ``zerotune sweep`` (imported when a sweep validates its points)."""
+    from .preflight import check
+
+    return check(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
