@@ -136,6 +136,11 @@ class DataConfig(_Section):
     pin_memory: bool | Literal["auto"] = Field(
         "auto", description="Pinned host memory for faster copies to the GPU; auto: on GPU only"
     )
+    packing: bool = Field(
+        False,
+        description="causal_lm: train on each micro-batch's sequences packed into one row, no padding "
+        "(position ids restart per sequence, attention stays inside each; evaluation unpacked)",
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -174,6 +179,11 @@ class TrainConfig(_Section):
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables")
     seed: int = Field(42, description="Seed of model init, dropout and data order")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward instead of keeping them "
+        "(less memory, ~1/3 more compute; HF gradient checkpointing, non-reentrant)",
+    )
     optimizer_impl: Literal["auto", "torch", "deepspeed"] = Field(
         "auto",
         description="auto: torch AdamW, fused on GPU (nothing to compile); under GPU optimizer offload DeepSpeed's CPUAdam "

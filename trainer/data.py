@@ -420,7 +420,9 @@ def eval_shards(
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["attention_mask"].sum())
+    mask = batch.get("attention_mask")
+    # a packed batch (data.packing) has no mask and no padding: every token is real
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 class StepBatchSampler:

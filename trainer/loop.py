@@ -45,7 +45,7 @@ from .export import export_checkpoint, save_hf_metadata
 from .files import write_json_atomic
 from .fingerprint import fingerprint
 from .metrics import build_sinks, memory_stats
-from .models import apply_peft, build_model
+from .models import apply_peft, build_model, count_parameters
 from .preemption import PreemptionFlag, requeue_slurm_job
 from .process import ExitCode, versions
 from .steplog import StepLog
@@ -185,8 +185,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, self.task, self.tokenizer, self.task.head_config(data.labels))
         model = apply_peft(cfg, self.task, model, self.total)
-        self.num_parameters = sum(p.numel() for p in model.parameters())
-        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.num_parameters = count_parameters(model)  # also when ZeRO-3 built it partitioned
+        self.num_trainable = count_parameters(model, trainable=True)
         peft_entry = manifest_entry(cfg, model)  # PEFT: the frozen base's reference and digest
         if resume_from is not None and peft_entry:
             self._check_base_model(resume_from, peft_entry["base_model"]["digest"])
@@ -222,7 +222,10 @@ class Trainer:
         rank_batches = StepBatchSampler(
             self.sampler, self.rank, self.world, self.plan.micro, self.state.step, self.total
         )
-        self.train_batches = train_loader(data.splits["train"], rank_batches, collate, options)
+        train_collate = self.task.train_collate(self.tokenizer.pad_token_id)  # data.packing
+        self.train_batches = train_loader(
+            data.splits["train"], rank_batches, train_collate, options
+        )
         evals = {k: v for k, v in data.splits.items() if k != "train"}
         self.evaluator = Evaluator(
             cfg, self.task, self.engine, evals, data.labels, self.rank, self.world, collate, options

@@ -9,7 +9,9 @@ working copy for ``bf16`` / ``fp16``; DDP autocasts), see ``build_model``.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +38,16 @@ BUILTIN_MODELS = {
         intermediate_size=256,
     ),
     "tiny-gpt2": dict(model_type="gpt2", n_embd=128, n_layer=2, n_head=4),
+    # grouped-query attention, RoPE, RMSNorm, SwiGLU: the shape of today's causal LMs
+    # (benchmarks/gpu_mfu.sh scales it to ~1 B parameters through model.builtin)
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
 }
 MASTER_DTYPE = torch.float32
 
@@ -157,6 +169,7 @@ def _dropout_overrides(model_type: str, p: float) -> dict[str, float]:
     keys = {
         "bert": ["hidden_dropout_prob", "attention_probs_dropout_prob"],
         "gpt2": ["resid_pdrop", "embd_pdrop", "attn_pdrop"],
+        "llama": ["attention_dropout"],
     }.get(
         model_type,
         ["hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"],
@@ -177,7 +190,22 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, head: dict[str, Any]):
     are loaded with ``dtype=float32`` whatever they were stored in: transformers 5 keeps the
     stored dtype by default, so a bf16 checkpoint would otherwise train bf16 weights under
     ``precision: fp32`` (and give DeepSpeed's bf16 mode bf16 "master" weights).
+
+    At ZeRO-3 the model is built partitioned (``zero3_init``); with
+    ``train.activation_checkpointing`` each layer recomputes its activations in the backward.
     """
+    with zero3_init(cfg):
+        model = _build(cfg, task, tokenizer, head)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if cfg.data.packing:
+        # with a cache (use_cache defaults to true) transformers skips the packed-sequence
+        # mask and attention would cross sequences; training never reads the cache anyway
+        model.config.use_cache = False
+    return model
+
+
+def _build(cfg: RunConfig, task: Task, tokenizer, head: dict[str, Any]):
     auto = _auto_class(task)
     name = cfg.model.name_or_path
     if is_builtin(name):
@@ -189,7 +217,7 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, head: dict[str, Any]):
         model_type = arch.pop("model_type")
         if cfg.model.dropout is not None:
             arch.update(_dropout_overrides(model_type, cfg.model.dropout))
-        positions = {"bert": "max_position_embeddings", "gpt2": "n_positions"}[model_type]
+        positions = {"gpt2": "n_positions"}.get(model_type, "max_position_embeddings")
         arch.setdefault(positions, max(cfg.data.max_length, 64))
         from transformers import AutoConfig
 
@@ -226,6 +254,66 @@ def build_model(cfg: RunConfig, task: Task, tokenizer, head: dict[str, Any]):
             model.config.pad_token_id = tokenizer.pad_token_id
     model.config.architectures = [type(model).__name__]  # export knows the head to rebuild
     return model
+
+
+@contextlib.contextmanager
+def zero3_init(cfg: RunConfig) -> Iterator[None]:
+    """At ZeRO-3 (DeepSpeed engine, no PEFT) build the model under ``deepspeed.zero.Init``.
+
+    Through transformers' own ZeRO-3 path (an ``HfDeepSpeedConfig`` alive while the model is
+    built): ``from_config`` and ``from_pretrained`` create each parameter partitioned as soon
+    as its module exists (rank 0's initial values broadcast first, so a new head is the same
+    everywhere) and load pretrained weights one module at a time, so no rank ever holds the
+    whole model — the point of ZeRO-3 for a model larger than one device. The config is the
+    one the engine will use (same batch arithmetic, precision, offload). Under bf16 / fp16 the
+    partitions are 16-bit from the start, and DeepSpeed's fp32 masters are made from them —
+    as without ``zero.Init``, where the engine casts the whole model first. PEFT keeps the
+    plain build: its adapters and the frozen base's digest need whole parameters.
+    """
+    if cfg.engine != "deepspeed" or cfg.zero.stage != 3 or cfg.peft.method is not None:
+        yield
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from .batch import resolve_batch
+    from .deepspeed_config import build_deepspeed_config
+    from .distributed import get_world_size
+
+    accelerator = get_accelerator()
+    on_gpu = accelerator.device_name() == "cuda"
+    ds = build_deepspeed_config(cfg, resolve_batch(cfg, get_world_size()), on_gpu)
+    # DeepSpeed's view of the torch group (what deepspeed.initialize does first), so zero.Init
+    # checks the batch against the real world size and partitions over it
+    deepspeed.init_distributed(accelerator.communication_backend_name(), dist_init_required=False)
+    keep = HfDeepSpeedConfig(ds)  # noqa: F841 - transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """HF gradient checkpointing, non-reentrant (torch's recommended form: no inputs that
+    must require grad, works under PEFT and with ZeRO-3's parameter hooks)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"train.activation_checkpointing=true: {type(model).__name__} "
+            f"(model_type {model.config.model_type!r}) does not support gradient checkpointing "
+            "in transformers; set train.activation_checkpointing=false"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
+    """Parameters of the whole model, also when ZeRO-3 built it partitioned (a partitioned
+    parameter's ``numel()`` is this rank's empty placeholder; ``ds_numel`` the real size)."""
+    return sum(
+        getattr(p, "ds_numel", p.numel())
+        for p in model.parameters()
+        if p.requires_grad or not trainable
+    )
 
 
 def apply_peft(cfg: RunConfig, task: Task, model, total_steps: int):

@@ -54,6 +54,7 @@ class Task:
     # columns the evaluation reads besides the model's inputs: kept in the tokenised
     # validation / test splits only, collated, and never passed to the model
     eval_columns: ClassVar[tuple[str, ...]] = ()
+    packs: ClassVar[bool] = False  # data.packing: several sequences per training row
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -62,13 +63,19 @@ class Task:
     # -- config ------------------------------------------------------------------------
     @classmethod
     def config_problems(cls, cfg: RunConfig) -> list[str]:
+        problems = []
         metric = cfg.eval.metric
         if metric is not None and metric not in cls.metrics:
-            return [
+            problems.append(
                 f"eval.metric={metric!r} is not produced by task {cls.name!r}: "
                 f"choose one of {list(cls.metrics)}"
-            ]
-        return []
+            )
+        if cfg.data.packing and not cls.packs:
+            problems.append(
+                f"data.packing=true: task {cls.name!r} does not pack sequences (causal_lm does): "
+                "set data.packing=false"
+            )
+        return problems
 
     @classmethod
     def metric_mode(cls, metric: str) -> str:
@@ -115,6 +122,10 @@ class Task:
 
     def collate(self, pad_id: int) -> Collator:
         return Collator(pad_id, self.pad_labels)
+
+    def train_collate(self, pad_id: int) -> Collator:
+        """The training batches' collator (``collate`` unless the task packs them)."""
+        return self.collate(pad_id)
 
     # -- model -------------------------------------------------------------------------
     def head_config(self, labels: LabelInfo | None) -> dict[str, Any]:
@@ -463,6 +474,10 @@ class CausalLMTask(Task):
     default_metric = "loss"
     eos_token = True
     pad_labels = True
+    packs = True
+
+    def train_collate(self, pad_id: int) -> Collator:
+        return PackingCollator() if self.data.packing else self.collate(pad_id)
 
     @classmethod
     def config_problems(cls, cfg: RunConfig) -> list[str]:
@@ -501,6 +516,32 @@ class CausalLMTask(Task):
 
     def evaluation(self, device, labels):
         return LMEvaluation(device)
+
+
+class PackingCollator:
+    """``data.packing``: a micro-batch's sequences end to end in one row, without padding.
+
+    transformers' ``DataCollatorWithFlattening``: ``position_ids`` restart at 0 for each
+    sequence, and the first label of each is ``IGNORE_INDEX``, so no token is predicted from
+    the sequence before it. No ``attention_mask`` goes to the model: from restarting
+    position ids transformers builds a block-diagonal causal mask (sdpa / eager:
+    ``masking_utils.find_packed_sequence_indices``; flash-attention: variable-length
+    kernels), so attention stays inside each sequence and the loss equals the padded
+    batch's — the same predicted tokens, the same mean. Which samples form the micro-batch
+    is still the step-keyed plan's choice (exact resume unchanged); packing only removes
+    the padding. Every token of the row is real (``trainer.data.count_tokens``).
+    """
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(
+            return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt"
+        )
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+        return {k: v for k, v in self.flatten(rows).items() if k != "attention_mask"}
 
 
 class LMEvaluation(Evaluation):

@@ -69,6 +69,12 @@ class PhaseTimer:
 
 def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     """(samples, non-padding tokens, Σ of squared sequence lengths) of one micro-batch."""
+    if "attention_mask" not in batch:  # packed (data.packing): sequences restart at position 0
+        pos = batch["position_ids"].flatten()
+        starts = torch.nonzero(pos == 0).flatten()
+        ends = torch.cat([starts[1:], torch.tensor([pos.numel()], device=starts.device)])
+        lengths = ends - starts
+        return int(lengths.numel()), int(lengths.sum()), int((lengths * lengths).sum())
     mask = batch["attention_mask"]
     lengths = mask.sum(dim=-1)
     return int(mask.shape[0]), int(lengths.sum()), int((lengths * lengths).sum())
