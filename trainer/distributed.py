@@ -39,6 +39,22 @@ _long_group: Any = None  # the side group (made on every rank of a world > 1)
 DEVICE_KEY = "zerotune/device/"  # rendezvous-store keys of the ranks' device records
 
 
+# The backend's own timeout is the backstop, a little after the heartbeat watchdog's
+# (``trainer.watchdog``, launch.timeout_minutes), which names the stuck rank and its phase
+BACKEND_TIMEOUT_MARGIN = datetime.timedelta(minutes=1)
+# NCCL: a collective past the process group's timeout aborts the communicator and ends the
+# process (instead of hanging in the kernel); the launcher then ends the job
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def backend_setup(
+    backend: str, timeout_minutes: float
+) -> tuple[datetime.timedelta, dict[str, str]]:
+    """(the process group's timeout, the variables the backend reads at init) for a backend."""
+    timeout = datetime.timedelta(minutes=timeout_minutes) + BACKEND_TIMEOUT_MARGIN
+    return timeout, dict(NCCL_ENV) if backend == "nccl" else {}
+
+
 class AgreedConfigError(ConfigError):
     """A ConfigError that every rank raises with the same text (found from all ranks' records
     before any process group exists): one rank reports it for all."""
@@ -182,12 +198,15 @@ def init_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        group_timeout, backend_env = backend_setup(backend_name, timeout_minutes)
+        for key, value in backend_env.items():
+            os.environ.setdefault(key, value)
         dist.init_process_group(
             backend=backend_name,
             store=store,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timeout,
+            timeout=group_timeout,
         )
     init_long_group()
     return env, device

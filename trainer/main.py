@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -58,13 +59,58 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
             report_config_error(e)
         destroy()
         return ExitCode.CONFIG
+    from .distributed import LONG_WAIT_TIMEOUT
+    from .preemption import install_interrupt_handler
+    from .watchdog import note_phase, start_watchdog, stop_watchdog
+
+    install_interrupt_handler()
+    start_watchdog(
+        env.rank,
+        env.world_size,
+        cfg.launch.timeout_minutes,
+        LONG_WAIT_TIMEOUT.total_seconds(),
+        run_dir,
+    )
+    orderly = False  # Ctrl-C or a lost peer: no group teardown (it may wait for the gone)
     try:
         from .loop import Trainer
 
-        return Trainer(cfg, env, device, run_dir, resume).run()
+        code = Trainer(cfg, env, device, run_dir, resume).run()
+        orderly = True
+        return code
     except (ConfigError, CheckpointError) as e:
+        orderly = True
         if env.rank == 0:
             report_config_error(e)
         return ExitCode.CONFIG
+    except BaseException as e:
+        code = _stopped_from_outside(e, env, run_dir)
+        if code is None:  # this rank's own error: its traceback follows
+            orderly = True
+            note_phase(env.rank)
+            raise
+        return code
     finally:
-        destroy()
+        stop_watchdog()
+        if orderly:
+            destroy()
+
+
+def _stopped_from_outside(e: BaseException, env, run_dir: Path) -> ExitCode | None:
+    """Ctrl-C, or a collective that failed because another rank died or stopped: an exit code
+    and at most one line, not this rank's traceback (None: an error of this rank's own)."""
+    from .preemption import interrupted
+    from .watchdog import STATUS_DIR_ENV, is_peer_failure, report_lost_peer, resume_hint
+
+    try:
+        if isinstance(e, KeyboardInterrupt) or interrupted():
+            # under zerotune train the launcher says it once for all ranks
+            if env.rank == 0 and not os.environ.get(STATUS_DIR_ENV):
+                print(f"zerotune: interrupted — {resume_hint(run_dir)}", file=sys.stderr)
+            return ExitCode.INTERRUPTED
+        if env.world_size > 1 and is_peer_failure(e):
+            report_lost_peer(env.rank, e)
+            return ExitCode.PEER_LOST
+    except KeyboardInterrupt:  # Ctrl-C that was pending while a collective failed
+        return ExitCode.INTERRUPTED
+    return None

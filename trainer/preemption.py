@@ -33,6 +33,30 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+_interrupted = False
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C in a rank stops it at once, without a save: a user expects seconds, and every
+    committed checkpoint is already safe on disk (a save in progress stays a ``.tmp``
+    directory that the next start removes). The first SIGINT raises KeyboardInterrupt; later
+    ones are ignored, so the stop itself is not interrupted (``zerotune train`` kills its
+    ranks on a second Ctrl-C)."""
+
+    def handler(signum, frame):
+        global _interrupted
+        _interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def interrupted() -> bool:
+    """Whether this rank got Ctrl-C (a collective that failed afterwards is its echo)."""
+    return _interrupted
+
+
 def requeue_slurm_job(env: dict[str, str] | None = None) -> bool:
     """``scontrol requeue $SLURM_JOB_ID`` (the job then starts again and resumes)."""
     env = dict(os.environ if env is None else env)

@@ -22,7 +22,11 @@ class ExitCode(enum.IntEnum):
     DONE = 0
     FAILED = 1
     CONFIG = 2  # configuration or input error: found before any rank starts, nothing written
+    PEER_LOST = 3  # a rank whose collective failed because another rank died or stopped;
+    # never the job's code: the launcher names the rank that caused it
     PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved, run the same command to resume
+    STUCK = 124  # as timeout(1): a rank made no progress for launch.timeout_minutes (named)
+    INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C: stopped at once, no save
 
     __str__ = int.__repr__  # prints as its number (Python 3.10 would print ExitCode.DONE)
 
