@@ -26,6 +26,7 @@ from trainer.process import ExitCode, add_run_arguments, default_run_dir, report
 DEFAULT_ARGS_LINE = "ZEROTUNE_DEFAULT_ARGS=()"
 SBATCH_LINE = re.compile(r"^#{1,2}SBATCH\s+--([A-Za-z0-9-]+)(?:=(.*))?$")
 MAX_SIGNAL_LEAD = 65535  # sbatch --signal: "between 0 and 65535 seconds"
+PENDING_WATCH_S = 5.0  # after sbatch: how long a pending reason is watched for
 TIME_FORMAT = re.compile(r"^((\d+-)?\d+(:\d+){0,2}|(?i:unlimited|infinite))$")
 
 
@@ -89,7 +90,7 @@ def render(template: str, job: JobSpec) -> str:
         f"PYTHON=${{PYTHON:-{shlex.quote(_check_value('python', job.python))}}}",
     ]
     header = [
-        f"# Rendered by `zerotune submit` from {shlex.quote(job.config_source)}; resubmit with: sbatch {shlex.quote(str(job.run_dir / 'submit.sbatch'))}"
+        f"# Rendered by `zerotune submit` from {shlex.quote(_check_value('config', job.config_source))}; resubmit with: sbatch {shlex.quote(str(job.run_dir / 'submit.sbatch'))}"
     ]
     body = lines[: idx[0]] + header + new_block + lines[idx[-1] + 1 :]
     body = [line for out in body for line in (defaults if out == DEFAULT_ARGS_LINE else [out])]
@@ -249,18 +250,18 @@ def run(args) -> int:
             nproc=nproc,
             nnodes=args.nodes,
             job_gpus=args.gpus_per_node or 0,
+            run_dir=run_dir,
         )
         if pf.problems:
             raise ConfigError(pf.problems)
         pf.print_notes()
-        job = JobSpec(
-            run_dir,
-            submit_dir,
-            sys.executable,
-            job_options(args, run_dir, submit_dir, nproc),
-            args.config or "demo",
-        )
-        script = render(template.read_text(), job)
+        options = job_options(args, run_dir, submit_dir, nproc)
+        text = template.read_text()
+        problems = partition_problems(options, text, args.dry_run)
+        if problems:
+            raise ConfigError(problems)
+        job = JobSpec(run_dir, submit_dir, sys.executable, options, args.config or "demo")
+        script = render(text, job)
     except ConfigError as e:
         return report_config_error(e)
 
@@ -298,4 +299,39 @@ def run(args) -> int:
     job_id = proc.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
     print(f"submitted job {job_id}" + (" (resumes from the latest checkpoint)" if resuming else ""))
     print(f"log: {run_dir / f'slurm-{job_id}.out'}")
+    from .partition import pending_problem
+
+    found = pending_problem(job_id, PENDING_WATCH_S)
+    if found is not None:
+        never, message = found
+        print(f"zerotune submit: {'error' if never else 'warning'}: {message}", file=sys.stderr)
+        return ExitCode.CONFIG if never else ExitCode.DONE
     return ExitCode.DONE
+
+
+def partition_problems(options: dict[str, str | None], template: str, dry_run: bool) -> list[str]:
+    """The request against its partition (``launcher/partition.py``), where ``sinfo``
+    answers; fills in a fitting ``cpus-per-task`` / ``time`` the user did not give. A dry
+    run may render for another cluster: its problems are warnings."""
+    from .partition import check_request, read_partitions
+
+    partitions = read_partitions()
+    if partitions is None:
+        return []
+    defaults = {}
+    for line in template.splitlines():
+        m = SBATCH_LINE.match(line)
+        if m and line.startswith("#SBATCH") and m.group(2):
+            defaults[m.group(1)] = m.group(2)
+    problems, notes = check_request(options, defaults, partitions)
+    for note in notes:
+        print(f"zerotune submit: note: {note}", file=sys.stderr)
+    if problems and dry_run:
+        for problem in problems:
+            print(
+                f"zerotune submit: warning: {problem} (dry run: rendered anyway; on this cluster "
+                "sbatch would accept the job but it could never start)",
+                file=sys.stderr,
+            )
+        return []
+    return problems

@@ -328,3 +328,94 @@ def test_doctor_under_srun_mpi_pmix(cache_dir):
     proc = _srun_doctor(cache_dir, "--mpi=pmix")
     check_ok(proc)
     assert "world 2" in proc.stdout and "doctor: all checks passed" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# Requests that can never run (issue 10, line 8) and quoting (line 9)
+# --------------------------------------------------------------------------------------
+
+
+def test_pending_reason_of_a_job_that_can_never_start_is_reported(tmp_path, jobs):
+    """A job that asks for more CPUs than any node has is accepted by sbatch and pends
+    with PartitionConfig: the watcher zerotune submit runs after sbatch names it."""
+    from launcher.partition import pending_problem, read_partitions
+
+    cpus = max(g.cpus for g in read_partitions()[""].groups)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsleep 1\n")
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "-N1", "-n", str(2 * cpus), "-o", "/dev/null", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    check_ok(proc)
+    job = proc.stdout.strip().split(";")[0]
+    jobs.append(job)
+    t0 = time.perf_counter()
+    found = pending_problem(job, wait_s=20)
+    print(f"pending reason named {time.perf_counter() - t0:.1f} s after sbatch")
+    assert found is not None, job_info(job)
+    never, message = found
+    assert never and f"job {job} is pending with reason PartitionConfig" in message
+    assert f"scancel {job}" in message
+
+
+def test_submit_default_cpus_fit_the_partition_so_the_job_starts(tmp_path, cache_dir, jobs):
+    """4 tasks and no --cpus-per-task: the template's 4 CPUs per task would ask 16 CPUs of
+    a node; derived from the partition, the job fits and leaves PENDING."""
+    from launcher.partition import read_partitions
+
+    cpus = min(g.cpus for g in read_partitions()[""].groups)
+    if cpus < 4:
+        pytest.skip(f"nodes with {cpus} CPUs cannot take 4 tasks")
+    run_dir = tmp_path / "run"
+    args = ["submit", str(TINY), "--nodes", "1", "--nproc-per-node", "4", "--time", "10"]
+    proc = zerotune(
+        [*args, "--run-dir", str(run_dir), "--job-name", "zt-test-cpus"],
+        cache_dir,
+    )
+    check_ok(proc)
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    jobs.append(job)
+    assert f"#SBATCH --cpus-per-task={cpus // 4}\n" in (run_dir / "submit.sbatch").read_text()
+    assert f"--cpus-per-task {cpus // 4} (not given)" in proc.stderr
+    reasons = set()
+
+    def started() -> bool:
+        info = job_info(job)
+        reasons.add(info.get("Reason"))
+        return info.get("JobState") not in ("PENDING", None)
+
+    wait_for(f"job {job} to start", started, 120, diagnose(run_dir, job))
+    assert not reasons & {"PartitionConfig", "PartitionNodeLimit"}, reasons
+    subprocess.run(["scancel", job], timeout=30)
+
+
+def test_hostile_names_are_quoted_and_nothing_is_executed(tmp_path, cache_dir, jobs):
+    """A config path, run directory and --set value with spaces, quotes, $(...), backticks
+    and ';': the job trains, every path is used as given, and no command in them runs."""
+    base = tmp_path / 'it\'s "q" $(touch HIT1); `touch HIT2` & y'
+    base.mkdir()
+    config = base / "my cfg $(touch HIT3);.yaml"
+    config.write_text(TINY.read_text())
+    run_dir = base / "run $(touch HIT4); 'x'"
+    cache = tmp_path / 'cache "c" $(touch HIT5); z'
+    proc = zerotune(
+        ["submit", str(config), *CPU_JOB, "--run-dir", str(run_dir)]
+        + ["--set", "train.max_steps=4", "--set", "eval.every_steps=2"]
+        + ["--set", f"data.cache_dir={cache}"],
+        cache_dir,
+        cwd=tmp_path,  # anything that ran by mistake would land here
+    )
+    check_ok(proc)
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    jobs.append(job)
+    wait_for(
+        f"job {job} to finish", lambda: job_state(job) in TERMINAL, 240, diagnose(run_dir, job)
+    )
+    assert job_state(job) == "COMPLETED", diagnose(run_dir, job)()
+    assert results(run_dir)["steps"] == 4
+    assert f"config {run_dir / 'config.yaml'}, run dir {run_dir}" in log_text(run_dir, job)
+    assert cache.is_dir() and any(cache.iterdir())  # the --set value, used as one path
+    assert not [p for p in tmp_path.rglob("HIT*")], "a command in a name was executed"
