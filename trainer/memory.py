@@ -318,3 +318,75 @@ class PeakStates:
     def __call__(self) -> None:
         now = measure_model_states(self.engine)
         self.peak = now if self.peak is None else self.peak.max(now)
+
+
+# ---- in the loop ------------------------------------------------------------------------------
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This rank's peak: CUDA's max allocated on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS bytes, Linux KiB
+
+
+class MemoryWatch:
+    """The loop's memory figures: the prediction (made once), the measured model states of one
+    step (``arm`` before it, ``collect`` after it: a collective), and the peaks at the end."""
+
+    def __init__(self, engine: Any, predicted: ModelStates, device: torch.device):
+        self.engine, self.predicted, self.device = engine, predicted, device
+        self.peak: PeakStates | None = None
+        self.measured: list[dict[str, Any]] | None = None  # per rank
+        self.step: int | None = None
+
+    def arm(self) -> None:
+        self.peak = PeakStates(self.engine)
+        self.engine.probe = self.peak
+
+    def collect(self, step: int) -> dict[str, Any]:
+        """Every rank's measured states (gathered); the figures to log once."""
+        from .distributed import all_gather_object
+
+        self.engine.probe = None
+        mine = self.peak.peak if self.peak and self.peak.peak else ModelStates(0, 0, 0)
+        self.measured = all_gather_object(mine.as_dict())
+        self.step = step
+        return {
+            k: v
+            for k, v in self.figures(all_gather_object(peak_memory_bytes(self.device))).items()
+            if not isinstance(v, (list, dict))
+        }
+
+    def figures(self, peaks: list[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "peak_memory_bytes": max(peaks),
+            "peak_memory_bytes_per_rank": peaks,
+            "model_states_bytes_predicted": self.predicted.total,
+            "model_states_predicted": self.predicted.as_dict(),
+        }
+        if self.measured:
+            largest = max(self.measured, key=lambda m: m["total"])
+            out.update(
+                model_states_bytes_measured=largest["total"],
+                model_states_bytes_measured_per_rank=[m["total"] for m in self.measured],
+                model_states_measured=largest,
+                model_states_step=self.step,
+                model_states_error=self.predicted.total / largest["total"] - 1
+                if largest["total"]
+                else None,
+            )
+            for k in ("params", "grads", "optimizer"):
+                out[f"model_states_{k}_bytes_measured"] = largest[k]
+                out[f"model_states_{k}_bytes_predicted"] = getattr(self.predicted, k)
+        return out
+
+    def results(self) -> dict[str, Any]:
+        """``results.json["memory"]``'s new keys (a collective: the peaks of every rank)."""
+        from .distributed import all_gather_object
+
+        return self.figures(all_gather_object(peak_memory_bytes(self.device)))

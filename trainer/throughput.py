@@ -16,7 +16,7 @@ data (tests/test_throughput.py). The summary (``results.json["throughput"]``) is
 over every step this process ran except its first ``warmup`` ones (compile, allocator and
 cache warm-up; a resumed run warms up again).
 
-The step's time is split into data wait (the loop waiting on the DataLoader), forward,
+The slowest rank's step time is split into data wait (the loop waiting on the DataLoader), forward,
 backward (with ZeRO's gradient reduction hooks) and optimizer (with ZeRO's boundary
 reduction / all-gather): ``PhaseTimer`` on CPU is ``perf_counter`` (exact: CPU work is
 synchronous); on CUDA it records events and reads them only at log steps, so there is no
@@ -33,6 +33,18 @@ from typing import Any
 import torch
 
 PHASES = ("data", "forward", "backward", "optimizer")
+FIGURES = (
+    "step_time_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "samples_per_step",
+    "tokens_per_step",
+    "attention_seq_len",
+    "flops_per_token",
+    "tflops_per_device",
+    "mfu",
+    *(f"{p}_time_s" for p in PHASES),
+)
 
 
 class PhaseTimer:
@@ -104,19 +116,20 @@ class Window:
 
 
 def reduce_window(w: Window, device: torch.device) -> dict[str, float]:
-    """Sums over ranks of the counts, the slowest rank's seconds (and phase seconds)."""
+    """Sums over ranks of the counts; the slowest rank's seconds and its phase split."""
     import torch.distributed as dist
 
     sums = torch.tensor([w.samples, w.tokens, w.sq_tokens], dtype=torch.float64)
-    maxes = torch.tensor([w.seconds, *(w.phases[p] for p in PHASES)], dtype=torch.float64)
+    times = torch.tensor([w.seconds, *(w.phases[p] for p in PHASES)], dtype=torch.float64)
+    every = [times]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        backend = dist.get_backend()
-        dev = device if backend == "nccl" else torch.device("cpu")
-        sums, maxes = sums.to(dev), maxes.to(dev)
+        dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        sums, times = sums.to(dev), times.to(dev)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        every = [torch.empty_like(times) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, times)
     samples, tokens, sq = (float(x) for x in sums.cpu())
-    seconds, *phases = (float(x) for x in maxes.cpu())
+    seconds, *phases = (float(x) for x in max(every, key=lambda t: float(t[0])).cpu())
     return {
         "steps": w.steps,
         "seconds": seconds,
@@ -132,20 +145,34 @@ class Throughput:
     ``summary(...)`` at the end. ``flops_per_token(seq_len)`` and ``peak`` (TFLOP/s of one
     device, or None) come from trainer.flops / trainer.hardware."""
 
-    def __init__(self, warmup: int, world: int, flops_per_token, peak: float | None):
+    def __init__(
+        self,
+        warmup: int,
+        world: int,
+        flops_per_token,
+        peak: float | None,
+        timer: PhaseTimer | None = None,
+        peak_source: str = "",
+        device_name: str = "",
+    ):
         self.warmup, self.world = warmup, world
         self.flops_per_token = flops_per_token
-        self.peak = peak
+        self.peak, self.peak_source, self.device_name = peak, peak_source, device_name
+        self.timer = timer or PhaseTimer(torch.device("cpu"))
         self.steps_run = 0
         self.current = Window()
         self.timed = Window()
 
-    def step(self, seconds: float, micro_batches: list[dict], phases: dict[str, float]) -> None:
+    def step(self, seconds: float, micro_batches: list[dict], log: bool) -> None:
+        """One optimizer step of this rank: its wall seconds and all its micro-batches. The
+        phase timer is read at log steps and where the warm-up ends (no sync in between)."""
         samples = tokens = sq = 0
         for b in micro_batches:
             n, t, s = batch_counts(b)
             samples, tokens, sq = samples + n, tokens + t, sq + s
         self.steps_run += 1
+        take = log or self.steps_run == self.warmup
+        phases = self.timer.take() if take else {}
         self.current.add(seconds, samples, tokens, sq, phases)
         if self.steps_run > self.warmup:
             self.timed.add(seconds, samples, tokens, sq, phases)
@@ -154,7 +181,7 @@ class Throughput:
         """Window (or summary) figures from ``reduce_window``'s sums."""
         steps, seconds = r["steps"], r["seconds"]
         if not steps or seconds <= 0:
-            return {}
+            return dict.fromkeys(FIGURES)
         step_time = seconds / steps
         seq_len = r["sq_tokens"] / r["tokens"] if r["tokens"] else 0.0
         fpt = self.flops_per_token(seq_len) if r["tokens"] else None
@@ -183,5 +210,110 @@ class Throughput:
         """The timed steps' figures (a collective)."""
         r = reduce_window(self.timed, device)
         out = self.figures(r)
-        out.update(steps_timed=r["steps"], warmup_steps_excluded=self.warmup)
+        out.update(
+            mean_step_time_s=out.get("step_time_s"),  # the name results.json had before
+            steps_timed=r["steps"],
+            warmup_steps_excluded=self.warmup,
+            peak_tflops=self.peak,
+            peak_source=self.peak_source,
+            device=self.device_name,
+        )
         return out
+
+
+# ---- what the figures are measured against ---------------------------------------------------
+
+
+def device_label(cfg: Any, device: torch.device) -> str:
+    """The device name the peak and price tables are keyed by (``scaling.device_name`` wins)."""
+    if cfg.scaling.device_name:
+        return cfg.scaling.device_name
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def matmul_precision(cfg: Any, device: torch.device) -> str:
+    """The peak column a run's matmuls use: bf16 / fp16, or fp32 with TF32 allowed on CUDA."""
+    if cfg.precision != "fp32":
+        return cfg.precision
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "fp32"
+
+
+def build_throughput(cfg: Any, model: torch.nn.Module, device: torch.device, world: int):
+    """The loop's ``Throughput``: FLOPs per token from the model's config (PEFT: the trainable
+    fraction), the peak of one device (a CPU's probe runs on rank 0 only, the others wait, so
+    they do not share its cores while it measures)."""
+    from .distributed import run_on_rank0
+    from .flops import flops_per_token
+    from .hardware import peak_tflops
+
+    total = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    trainable = sum(
+        int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad
+    )
+    fixed = cfg.scaling.flops_per_token
+    lm_head = cfg.task == "causal_lm"
+    config = model.config
+
+    def per_token(seq_len: float) -> float:
+        if fixed is not None:
+            return float(fixed)
+        return flops_per_token(config, seq_len, trainable / max(1, total), lm_head=lm_head)
+
+    name = device_label(cfg, device)
+    peak, source = run_on_rank0(
+        peak_tflops, name, matmul_precision(cfg, device), cfg.scaling.peak_tflops_per_device
+    )
+    return Throughput(
+        cfg.logging.warmup_steps_excluded,
+        world,
+        per_token,
+        peak,
+        timer=PhaseTimer(device),
+        peak_source=source,
+        device_name=name,
+    )
+
+
+def cost_figures(
+    cfg: Any,
+    tp: Throughput,
+    summary: dict[str, Any],
+    wall_s: float,
+    total_steps: int,
+) -> dict[str, Any]:
+    """``results.json["cost"]``: this run's device-hours and money, $ per 1 M training tokens at
+    the measured rate, and the time and money of the configured run (and of
+    ``scaling.target_tokens``) at that rate."""
+    from .hardware import PRICE_SOURCE, PRICES_AS_OF, price_per_device_hour
+
+    price, source = price_per_device_hour(
+        tp.device_name, cfg.scaling.price_per_device_hour, cores=torch.get_num_threads()
+    )
+    devices = tp.world
+    out: dict[str, Any] = {
+        "device": tp.device_name,
+        "devices": devices,
+        "price_per_device_hour": price,
+        "price_source": f"{source} ({PRICE_SOURCE})" if source.startswith("table") else source,
+        "prices_as_of": PRICES_AS_OF,
+        "device_hours": devices * wall_s / 3600.0,
+        "run_cost": devices * wall_s / 3600.0 * price if price is not None else None,
+    }
+    tokens_per_s = summary.get("tokens_per_s")
+    step_time = summary.get("step_time_s")
+    rate = devices * price / 3600.0 if price is not None else None  # $ per second of the run
+    out["cost_per_1m_tokens"] = rate * 1e6 / tokens_per_s if rate and tokens_per_s else None
+    if step_time:
+        out["configured_run_steps"] = total_steps
+        out["configured_run_hours"] = total_steps * step_time / 3600.0
+        out["configured_run_cost"] = total_steps * step_time * rate if rate is not None else None
+    target = cfg.scaling.target_tokens
+    if target and tokens_per_s:
+        out["target_tokens"] = target
+        out["target_tokens_hours"] = target / tokens_per_s / 3600.0
+        out["target_tokens_cost"] = target / tokens_per_s * rate if rate is not None else None
+    return out
