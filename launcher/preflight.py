@@ -179,7 +179,8 @@ def run_dir_problem(run_dir: Path) -> str | None:
 def resume_problem(resume: str) -> str | None:
     """``--resume PATH``: a checkpoint (with its manifest) or a run directory (with
     checkpoints/); whether it verifies is the rank's check."""
-    if resume in ("auto", "never"):
+    # force: as auto, although the config changes the run (trainer/rundir.py)
+    if resume in ("auto", "never", "force"):
         return None
     p = Path(resume).expanduser()
     if not p.exists():

@@ -237,9 +237,12 @@ def find_valid(ckpt_root: Path, level: str = "checksum", warn=print) -> Path | N
 
 
 def resolve_resume(run_dir: Path, resume: str, level: str = "checksum", warn=print) -> Path | None:
-    """``auto``: newest valid in the run dir; ``never``: none; else that path (must be valid)."""
+    """``auto``: newest valid in the run dir; ``never``: none; else that path (must be valid).
+    ``force``: as ``auto``, although the config changes the run (trainer/rundir.py)."""
     if resume == "never":
         return None
+    if resume == "force":
+        resume = "auto"
     if resume == "auto":
         root = run_dir / "checkpoints"
         found = find_valid(root, level, warn)

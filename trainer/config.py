@@ -189,6 +189,14 @@ class TrainConfig(_Section):
         description="auto: torch AdamW, fused on GPU (nothing to compile); under GPU optimizer offload DeepSpeed's CPUAdam "
         "if pre-built. deepspeed: DeepSpeed's FusedAdam / CPUAdam (JIT-built unless pre-built). torch: torch AdamW",
     )
+    on_nonfinite: Literal["skip", "abort"] = Field(
+        "skip",
+        description="A step whose loss or gradients are NaN / inf on any rank: skip its update on every "
+        "rank and count it (stop after max_nonfinite_in_a_row in a row), or abort: stop at once, exit 1",
+    )
+    max_nonfinite_in_a_row: int = Field(
+        5, ge=1, description="on_nonfinite=skip: stop (exit 1) after this many skipped steps in a row"
+    )
 
 
 class ZeroConfig(_Section):

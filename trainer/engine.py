@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import faults
 from .adapters import build_step_hook, is_peft_model
 from .batch import BatchPlan
 from .checkpoint import ZERO_TAG
@@ -38,6 +39,9 @@ class StepResult:
     grad_norm: float | None
     loss_scale: float | None
     skipped: bool = False  # fp16 overflow: the optimizer step was skipped
+    # this rank's loss, or the reduced gradients (fp32 / bf16), were NaN / inf: the update
+    # was skipped (trainer/nonfinite.py; the loop agrees on it over ranks)
+    nonfinite: bool = False
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):
@@ -95,7 +99,9 @@ class Engine(Protocol):
     device: torch.device
     skipped_steps: int  # optimizer steps skipped on fp16 overflow so far (restored on resume)
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult: ...
+    def train_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], step: int | None = None
+    ) -> StepResult: ...
     def forward(self, batch: dict[str, torch.Tensor]) -> Any: ...
     def train(self) -> None: ...
     def eval(self) -> None: ...
@@ -125,6 +131,26 @@ def _add_loss(total: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
 def _untimed(phase: str) -> contextlib.AbstractContextManager:
     """The engines' phase timer when the loop set none (``trainer.throughput.PhaseTimer``)."""
     return contextlib.nullcontext()
+
+
+def _loss(out, step: int | None, first: bool) -> torch.Tensor:
+    """The micro-batch's loss; NaN where a test injects it (``ZEROTUNE_FAULT=nan@N``)."""
+    if first and step is not None and faults.nan_loss(step):
+        return out.loss * float("nan")
+    return out.loss
+
+
+@contextlib.contextmanager
+def _no_update(optimizer):
+    """One boundary without an update. DeepSpeed skips an update (no scheduler step, counted
+    in ``skipped_steps``) when its optimizer reports ``overflow``; the plain torch optimizer
+    of ZeRO-0 fp32 has no such check, so for this step it reports one instead of stepping."""
+    optimizer.overflow = True
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step, optimizer.overflow
 
 
 def _grad_norm(params) -> float:
@@ -212,15 +238,20 @@ class DeepSpeedEngine:
         and saves / restores the count with the checkpoint."""
         return int(self.engine.skipped_steps)
 
-    def train_step(self, micro_batches):
+    def train_step(self, micro_batches, step: int | None = None):
         total = None
         manual_norm = None
         timer = self.timer or _untimed
+        # DeepSpeed's optimizers skip an update whose gradient norm is NaN / inf; the plain
+        # torch optimizer (ZeRO-0 fp32) does not: zerotune skips it (the same on every rank:
+        # the gradients are all-reduced in the backward at ZeRO-0)
+        unchecked = not hasattr(self.engine.optimizer, "overflow")
         for i, batch in enumerate(micro_batches):
             with timer("forward"):
                 out = self.engine(**_to(batch, self.device))
+            loss = _loss(out, step, i == 0)
             with timer("backward"):
-                self.engine.backward(out.loss)
+                self.engine.backward(loss)
             if self.probe is not None:
                 self.probe()  # gradients of this micro-step held, before step() frees them
             last = i == len(micro_batches) - 1
@@ -228,9 +259,14 @@ class DeepSpeedEngine:
                 manual_norm = _grad_norm(self.engine.module.parameters())  # grads already averaged
             if last and self.step_hook is not None:
                 self.step_hook.before_step()  # the boundary's whole gradients, before step()
+            nan_norm = manual_norm is not None and not math.isfinite(manual_norm)
             with timer("optimizer"):
-                self.engine.step()
-            total = _add_loss(total, out.loss)
+                if last and unchecked and nan_norm:
+                    with _no_update(self.engine.optimizer):
+                        self.engine.step()
+                else:
+                    self.engine.step()
+            total = _add_loss(total, loss)
         if self.probe is not None:
             self.probe()
         # the last step() was the accumulation boundary: did it update the weights?
@@ -246,11 +282,14 @@ class DeepSpeedEngine:
         if self.cfg.precision == "fp16":
             opt = self.engine.optimizer
             scale = float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0.0)) or 0.0)
+        mean = total.item() / len(micro_batches)
         return StepResult(
-            loss=total.item() / len(micro_batches),
+            loss=mean,
             grad_norm=norm,
             loss_scale=scale,
             skipped=skipped,
+            # outside fp16 DeepSpeed skips only for a NaN / inf gradient norm
+            nonfinite=not math.isfinite(mean) or (skipped and self.cfg.precision != "fp16"),
         )
 
     def lr(self) -> float:
@@ -450,9 +489,7 @@ class DDPEngine:
         with self._autocast():
             return self.model(**_to(batch, self.device))
 
-    def train_step(self, micro_batches):
-        import contextlib
-
+    def train_step(self, micro_batches, step: int | None = None):
         total = None
         n = len(micro_batches)
         timer = self.timer or _untimed
@@ -462,10 +499,11 @@ class DDPEngine:
             with ctx:
                 with timer("forward"), self._autocast():
                     out = self.model(**_to(batch, self.device))
-                loss = out.loss / n
+                full = _loss(out, step, i == 0)
+                loss = full / n
                 with timer("backward"):
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total = _add_loss(total, out.loss)
+            total = _add_loss(total, full)
             if self.probe is not None:
                 self.probe()
         optimizer_phase = timer("optimizer")
@@ -486,6 +524,9 @@ class DDPEngine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             skipped = self.scaler.get_scale() < before
+        elif not math.isfinite(norm):
+            # the all-reduced gradients hold NaN / inf on every rank alike: no update anywhere
+            skipped = True
         else:
             self.optimizer.step()
         if skipped:
@@ -499,7 +540,14 @@ class DDPEngine:
         if self.probe is not None:
             self.probe()
         scale = float(self.scaler.get_scale()) if self.scaler else None
-        return StepResult(loss=total.item() / n, grad_norm=norm, loss_scale=scale, skipped=skipped)
+        mean = total.item() / n
+        return StepResult(
+            loss=mean,
+            grad_norm=norm,
+            loss_scale=scale,
+            skipped=skipped,
+            nonfinite=not math.isfinite(mean) or (skipped and self.scaler is None),
+        )
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

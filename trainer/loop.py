@@ -28,7 +28,7 @@ from . import checkpoint as ckpt_mod
 from . import faults
 from .adapters import manifest_entry, save_adapter_config
 from .batch import resolve_batch
-from .config import RunConfig, dump_config
+from .config import ConfigError, RunConfig, dump_config
 from .data import (
     GlobalBatchPlan,
     StepBatchSampler,
@@ -44,14 +44,20 @@ from .evaluate import Evaluator
 from .export import export_checkpoint, save_hf_metadata
 from .files import write_json_atomic
 from .fingerprint import fingerprint
-from .memory import MemoryWatch, predict_for_model
 from .metrics import build_sinks, memory_stats
-from .models import apply_peft, build_model
+from .models import apply_peft, build_model, count_parameters
+from .nonfinite import (
+    LossScaleWatch,
+    NonFiniteError,
+    abort_message,
+    skip_warning,
+    too_many_message,
+)
 from .preemption import PreemptionFlag, requeue_slurm_job
 from .process import ExitCode, versions
+from .rundir import check_resume_config, lock_for_rank0
 from .steplog import StepLog
 from .tasks import EvalResult, build_task
-from .throughput import build_throughput, cost_figures
 
 
 @dataclass
@@ -69,6 +75,10 @@ class TrainerState:
     acc_steps: int = 0
     acc_tokens: int = 0
     stopped_early: bool = False
+    # steps whose loss or gradients were NaN / inf on some rank, skipped (trainer/nonfinite.py)
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    acc_nonfinite: int = 0  # of them, since the last log step (left out of its mean loss)
 
     def as_dict(self, epoch: int, world: int, global_batch: int) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -78,6 +88,27 @@ class TrainerState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainerState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class StepTimes:
+    """Step durations after the first ``warmup`` steps (compile, caches), for the summary."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.times: list[float] = []
+
+    def record(self, step: int, seconds: float) -> None:
+        if step > self.warmup:
+            self.times.append(seconds)
+
+    def summary(self, global_batch: int) -> dict[str, Any]:
+        mean = sum(self.times) / len(self.times) if self.times else None
+        return {
+            "mean_step_time_s": mean,
+            "samples_per_s": global_batch / mean if mean else None,
+            "steps_timed": len(self.times),
+            "warmup_steps_excluded": self.warmup,
+        }
 
 
 def seed_everything(seed: int) -> None:
@@ -114,10 +145,11 @@ class Trainer:
         self.plan = self.sampler = self.total = None
         self.tokenizer = self.train_batches = self.engine = self.evaluator = None
         self.ckpts = self.sinks = self.flag = None
+        self.locks: list = []  # rank 0: the run directory's locks (trainer/rundir.py)
+        self.scale_watch = LossScaleWatch()  # fp16: a warning before the loss scale collapses
         self.num_parameters = 0
         self.num_trainable = 0
-        self.throughput = self.memory = None  # built by setup(); trainer/throughput.py, memory.py
-        self.figures: dict[str, Any] = {}  # the end's throughput and memory, for results.json
+        self.step_times = StepTimes(cfg.logging.warmup_steps_excluded)
         self.step_log = StepLog(self.rank)  # per-step timestamps for benchmarks/ (off by default)
 
     def log(self, msg: str) -> None:
@@ -134,7 +166,7 @@ class Trainer:
             if code == ExitCode.DONE:
                 self.finish()
             return code
-        except ckpt_mod.CheckpointWriteError as e:  # every rank raised it, after agreeing
+        except (ckpt_mod.CheckpointWriteError, NonFiniteError) as e:  # on every rank alike
             self.log(f"error: {e}")
             return ExitCode.FAILED
         finally:
@@ -143,10 +175,7 @@ class Trainer:
     # ---- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        barrier()
+        run_on_rank0(self._own_run_dir)
         data = prepare(cfg, self.env.local_rank == 0, lambda: barrier(long=True))
         self.tokenizer = data.tokenizer
         self.plan = resolve_batch(cfg, self.world)
@@ -167,8 +196,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, self.task, self.tokenizer, self.task.head_config(data.labels))
         model = apply_peft(cfg, self.task, model, self.total)
-        self.num_parameters = sum(p.numel() for p in model.parameters())
-        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.num_parameters = count_parameters(model)  # also when ZeRO-3 built it partitioned
+        self.num_trainable = count_parameters(model, trainable=True)
         peft_entry = manifest_entry(cfg, model)  # PEFT: the frozen base's reference and digest
         if resume_from is not None and peft_entry:
             self._check_base_model(resume_from, peft_entry["base_model"]["digest"])
@@ -196,7 +225,6 @@ class Trainer:
         self.engine = build_engine(
             cfg, model, self.plan, self.total, self.device, load_universal=universal
         )
-        self._measure_setup()
         seed_everything(cfg.train.seed + 1000 * self.rank)
         loaded = self._load(resume_from, load_dir, saved_world) if resume_from else None
 
@@ -205,7 +233,10 @@ class Trainer:
         rank_batches = StepBatchSampler(
             self.sampler, self.rank, self.world, self.plan.micro, self.state.step, self.total
         )
-        self.train_batches = train_loader(data.splits["train"], rank_batches, collate, options)
+        train_collate = self.task.train_collate(self.tokenizer.pad_token_id)  # data.packing
+        self.train_batches = train_loader(
+            data.splits["train"], rank_batches, train_collate, options
+        )
         evals = {k: v for k, v in data.splits.items() if k != "train"}
         self.evaluator = Evaluator(
             cfg, self.task, self.engine, evals, data.labels, self.rank, self.world, collate, options
@@ -225,16 +256,21 @@ class Trainer:
             self.sinks.log(self.state.step, loaded, "checkpoint")
         self.flag = PreemptionFlag(cfg.launch.preemption_signals)
 
-    def _measure_setup(self) -> None:
-        """Throughput accounting with its FLOPs and peak, and the model-state prediction; the
-        engine reports its phases to the accounting's timer."""
-        module = self.engine.module
-        self.throughput = build_throughput(self.cfg, module, self.device, self.world)
-        self.engine.timer = self.throughput.timer
-        predicted = predict_for_model(
-            module, self.cfg, self.world, self.plan.accum, getattr(self.engine, "ds_config", None)
-        )
-        self.memory = MemoryWatch(self.engine, predicted, self.device)
+    def _own_run_dir(self) -> None:
+        """Rank 0, before anything is written: the run directory's lock (one owner), a refusal
+        to resume it with a config that changes the run, then its config.yaml."""
+        locks = lock_for_rank0(self.run_dir, os.environ)
+        try:
+            global_batch = resolve_batch(self.cfg, self.world).global_batch
+            check_resume_config(self.run_dir, self.cfg, self.resume, global_batch)
+        except ConfigError:
+            for lock in locks:
+                lock.release(refused=True)
+            raise
+        self.locks = locks
+        for note in filter(None, (lock.takeover_note() for lock in locks)):
+            self.log(note)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
 
     def _resume_source(self, resume_from: Path | None) -> tuple[Path | None, int | None]:
         """(what the engine loads, the world size it was saved at): the checkpoint itself, or
@@ -285,34 +321,23 @@ class Trainer:
         engine.train()
         metric = None  # of an evaluation at this step: the checkpoint's score for keep_best
         while state.step < self.total and not state.stopped_early:
-            # model states are measured in one step: the second of this process (optimizer
-            # state exists by then), or the only one
-            watch = self.memory.step is None and (
-                self.throughput.steps_run == 1 or state.step + 1 == self.total
-            )
-            if watch:
-                self.memory.arm()
             t0 = time.perf_counter()
-            with self.throughput.timer("data"):
-                micro_batches = [next(batches) for _ in range(self.plan.accum)]
-            result = engine.train_step(micro_batches)
+            micro_batches = [next(batches) for _ in range(self.plan.accum)]
+            result = engine.train_step(micro_batches, step=state.step + 1)
             state.step += 1
             dt = time.perf_counter() - t0
             state.samples_seen += self.plan.global_batch
-            state.acc_loss += result.loss
+            state.acc_loss += 0.0 if self._nonfinite(result) else result.loss
             state.acc_steps += 1
             tokens = sum(count_tokens(b) for b in micro_batches)
             state.acc_tokens += tokens
+            self.step_times.record(state.step, dt)
             self.step_log.record(state.step, dt, result.loss, tokens)
             faults.maybe_fail("step", state.step)
 
             last = state.step == self.total
-            log = state.step % cfg.logging.every_steps == 0 or last
-            self.throughput.step(dt, micro_batches, log)
-            if watch:
-                self.sinks.log(state.step, self.memory.collect(state.step), "memory")
-            if log:
-                self._log_train(result)
+            if state.step % cfg.logging.every_steps == 0 or last:
+                self._log_train(result, dt)
             else:
                 self.sinks.progress(state.step)
 
@@ -340,25 +365,56 @@ class Trainer:
                 break
         return ExitCode.DONE
 
-    def _log_train(self, result) -> None:
+    def _log_train(self, result, dt: float) -> None:
         state = self.state
-        loss_sum, tokens = all_reduce_sum([state.acc_loss, state.acc_tokens], self.device)
+        loss_sum, tokens, tsum = all_reduce_sum([state.acc_loss, state.acc_tokens, dt], self.device)
         state.tokens_seen += int(tokens)
+        step_time = tsum / self.world
+        finite = state.acc_steps - state.acc_nonfinite  # the same on every rank (agreed)
         values = {
-            "loss": loss_sum / (state.acc_steps * self.world),
+            "loss": loss_sum / (finite * self.world) if finite else None,
             "lr": self.engine.lr(),
             "grad_norm": result.grad_norm,
             "loss_scale": result.loss_scale,
-            # fp16 overflows, and inf/nan gradients under bf16: the update and schedule skip
-            "skipped_steps": self.engine.skipped_steps if self.cfg.precision != "fp32" else None,
+            # fp16 overflows, and NaN / inf gradients: the update and schedule skip
+            "skipped_steps": self.engine.skipped_steps,
+            "nonfinite_steps": state.nonfinite_steps,
             "epoch": state.samples_seen / self.sampler.num_samples,
-            # the whole window since the last log step, the slowest rank's time: step_time_s,
-            # samples_per_s, tokens_per_s, tflops_per_device, mfu, the phase split
-            **self.throughput.window(self.device),
+            "samples_per_s": self.plan.global_batch / step_time,
+            "tokens_per_s": tokens / state.acc_steps / step_time,
+            "step_time_s": step_time,
             **memory_stats(self.device),
         }
         self.sinks.log(state.step, {k: v for k, v in values.items() if v is not None}, "train")
         state.acc_loss, state.acc_steps, state.acc_tokens = 0.0, 0, 0
+        state.acc_nonfinite = 0
+
+    def _nonfinite(self, result) -> bool:
+        """Whether this step's loss or gradients were NaN / inf on any rank (its update was
+        skipped): one all-reduce, so every rank counts, warns and stops at the same step.
+        Raises ``NonFiniteError`` where ``train.on_nonfinite`` says to stop."""
+        state, t = self.state, self.cfg.train
+        warning = self.scale_watch.update(
+            state.step, result.loss_scale, result.skipped, self.engine.skipped_steps
+        )
+        if warning:
+            self.log(warning)
+        if not any_rank(result.nonfinite, self.device):
+            state.nonfinite_in_a_row = 0
+            return False
+        losses = all_gather_object(result.loss)
+        state.nonfinite_steps += 1
+        state.nonfinite_in_a_row += 1
+        state.acc_nonfinite += 1
+        newest = self.ckpts.newest[1] if self.ckpts.newest else None
+        if t.on_nonfinite == "abort":
+            raise NonFiniteError(abort_message(state.step, losses, newest))
+        if state.nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
+            raise NonFiniteError(
+                too_many_message(state.step, state.nonfinite_in_a_row, losses, newest)
+            )
+        self.log(skip_warning(state.step, losses, state.nonfinite_in_a_row, state.nonfinite_steps))
+        return True
 
     def _save(self, metric: float | None = None) -> None:
         epoch, _ = self.sampler.position(self.state.step)
@@ -402,10 +458,6 @@ class Trainer:
         rss = all_gather_object([rss_train, peak_rss_gb()])
         # rank 0 writes final/ and the reports while the others wait on the long group; an
         # error there is raised on every rank instead of leaving them waiting
-        self.figures = {  # collectives, so before rank 0 writes alone
-            "throughput": self.throughput.summary(self.device),
-            "memory": self.memory.results(),
-        }
         run_on_rank0(self._write_outputs, final, test, prints, rss)
 
     def _write_outputs(self, final: EvalResult, test: EvalResult | None, prints, rss) -> None:
@@ -433,6 +485,8 @@ class Trainer:
             self.flag.ignore() if preempted else self.flag.restore()
         if self.sinks is not None:
             self.sinks.close()
+        for lock in self.locks:
+            lock.release()
         self.step_log.event("end")
         self.step_log.close()
 
@@ -484,11 +538,10 @@ class Trainer:
                 "value": state.best_metric,
                 "step": state.best_step,
             },
-            "throughput": self.figures["throughput"],
+            "throughput": self.step_times.summary(self.plan.global_batch),
             "memory": {
                 "host_peak_rss_gb_train": [r[0] for r in rss],  # per rank, at the end of the loop
                 "host_peak_rss_gb_end": [r[1] for r in rss],  # per rank, after the finish
-                **self.figures["memory"],
             },
             "world_size": self.world,
             "parameters": self.num_parameters,
@@ -497,9 +550,6 @@ class Trainer:
             "params_in_sync": len({p["replicated"] for p in prints}) == 1,
             "wall_time_s": time.time() - self.t_start,
         }
-        results["cost"] = cost_figures(
-            self.cfg, self.throughput, results["throughput"], results["wall_time_s"], self.total
-        )
         for split, r in (("validation", final), ("test", test)):
             if r is not None and r.report:
                 results.update(self.task.report_results(split, r.report))
@@ -527,8 +577,6 @@ class Trainer:
         shown = ", ".join(f"{k} {v[k]:.4f}" for k in self.task.metrics if k in v)
         tp = r["throughput"]
         speed = f"{tp['samples_per_s']:.1f} samples/s" if tp["samples_per_s"] else "n/a"
-        if tp.get("mfu") is not None:
-            speed += f", {tp['tflops_per_device']:.3g} TFLOP/s per device, MFU {tp['mfu']:.1%}"
         self.log(
             f"done: {r['steps']} steps in {r['wall_time_s']:.1f}s on {r['world_size']} rank(s); validation {shown}; "
             f"best {r['best']['metric']} {r['best']['value']:.4f} at step {r['best']['step']}; {speed}; "
