@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, field_help
@@ -120,22 +121,48 @@ def cmd_train(args) -> int:
 
         exit_process(rank_main(trainer_args(args.config, args.overrides, run_dir, args.resume)))
 
+    from trainer.rundir import refuse_if_in_use
+
     from .preflight import check
 
+    refuse_if_in_use(run_dir)  # at once, before the pre-flight reads data
     pf = check(
         args.config, args.overrides, args.nproc_per_node, run_dir=run_dir, resume=args.resume
     )
     if pf.problems:
         return report_config_error(ConfigError(pf.problems))
     pf.print_notes()
-    return spawn(
-        args.config,
-        args.overrides,
-        pf.nproc_per_node,
-        run_dir,
-        args.resume,
-        pf.cfg.launch.preemption_signals,
-    )
+    lock = own_run_dir(run_dir, pf, args.resume)
+    try:
+        return spawn(
+            args.config,
+            args.overrides,
+            pf.nproc_per_node,
+            run_dir,
+            args.resume,
+            pf.cfg.launch.preemption_signals,
+        )
+    finally:
+        lock.release()
+
+
+def own_run_dir(run_dir: Path, pf, resume: str):
+    """Before ranks spawn: the run directory's lock (a second run on it is refused, naming
+    this one) and the refusal to resume it with a config that changes the run; the ranks
+    are told the lock is held for them (trainer/rundir.py)."""
+    from trainer.rundir import HELD_ENV, check_resume_config, lock_for_launcher
+
+    lock = lock_for_launcher(run_dir)
+    try:
+        check_resume_config(run_dir, pf.cfg, resume, pf.plan.global_batch if pf.plan else None)
+    except ConfigError:
+        lock.release(refused=True)
+        raise
+    note = lock.takeover_note()
+    if note:
+        print(f"zerotune: note: {note}", file=sys.stderr)
+    os.environ[HELD_ENV] = str(os.getpid())
+    return lock
 
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate}

@@ -44,6 +44,7 @@ from .evaluate import Evaluator
 from .export import export_checkpoint, save_hf_metadata
 from .files import write_json_atomic
 from .fingerprint import fingerprint
+from .memory import MemoryWatch, predict_for_model
 from .metrics import build_sinks, memory_stats
 from .models import apply_peft, build_model, count_parameters
 from .nonfinite import (
@@ -58,6 +59,8 @@ from .process import ExitCode, versions
 from .rundir import check_resume_config, lock_for_rank0
 from .steplog import StepLog
 from .tasks import EvalResult, build_task
+from .throughput import build_throughput, cost_figures
+from .watchdog import beat
 
 
 @dataclass
@@ -88,27 +91,6 @@ class TrainerState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainerState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-class StepTimes:
-    """Step durations after the first ``warmup`` steps (compile, caches), for the summary."""
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.times: list[float] = []
-
-    def record(self, step: int, seconds: float) -> None:
-        if step > self.warmup:
-            self.times.append(seconds)
-
-    def summary(self, global_batch: int) -> dict[str, Any]:
-        mean = sum(self.times) / len(self.times) if self.times else None
-        return {
-            "mean_step_time_s": mean,
-            "samples_per_s": global_batch / mean if mean else None,
-            "steps_timed": len(self.times),
-            "warmup_steps_excluded": self.warmup,
-        }
 
 
 def seed_everything(seed: int) -> None:
@@ -149,7 +131,8 @@ class Trainer:
         self.scale_watch = LossScaleWatch()  # fp16: a warning before the loss scale collapses
         self.num_parameters = 0
         self.num_trainable = 0
-        self.step_times = StepTimes(cfg.logging.warmup_steps_excluded)
+        self.throughput = self.memory = None  # built by setup(); trainer/throughput.py, memory.py
+        self.figures: dict[str, Any] = {}  # the end's throughput and memory, for results.json
         self.step_log = StepLog(self.rank)  # per-step timestamps for benchmarks/ (off by default)
 
     def log(self, msg: str) -> None:
@@ -225,6 +208,7 @@ class Trainer:
         self.engine = build_engine(
             cfg, model, self.plan, self.total, self.device, load_universal=universal
         )
+        self._measure_setup()
         seed_everything(cfg.train.seed + 1000 * self.rank)
         loaded = self._load(resume_from, load_dir, saved_world) if resume_from else None
 
@@ -272,6 +256,17 @@ class Trainer:
             self.log(note)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
 
+    def _measure_setup(self) -> None:
+        """Throughput accounting with its FLOPs and peak, and the model-state prediction; the
+        engine reports its phases to the accounting's timer."""
+        module = self.engine.module
+        self.throughput = build_throughput(self.cfg, module, self.device, self.world)
+        self.engine.timer = self.throughput.timer
+        predicted = predict_for_model(
+            module, self.cfg, self.world, self.plan.accum, getattr(self.engine, "ds_config", None)
+        )
+        self.memory = MemoryWatch(self.engine, predicted, self.device)
+
     def _resume_source(self, resume_from: Path | None) -> tuple[Path | None, int | None]:
         """(what the engine loads, the world size it was saved at): the checkpoint itself, or
         its universal conversion when the world size changed under ZeRO 1-3."""
@@ -300,6 +295,7 @@ class Trainer:
             )
 
     def _load(self, resume_from: Path, load_dir: Path, saved_world: int) -> dict[str, float]:
+        beat("checkpoint load")
         t0 = time.perf_counter()
         self.engine.load(load_dir)
         saved, rng = ckpt_mod.load_trainer_state(resume_from, self.rank, self.world)
@@ -321,8 +317,17 @@ class Trainer:
         engine.train()
         metric = None  # of an evaluation at this step: the checkpoint's score for keep_best
         while state.step < self.total and not state.stopped_early:
+            beat("step", state.step + 1)  # the watchdog's phase marker: one attribute write
+            # model states are measured in one step: the second of this process (optimizer
+            # state exists by then), or the only one
+            watch = self.memory.step is None and (
+                self.throughput.steps_run == 1 or state.step + 1 == self.total
+            )
+            if watch:
+                self.memory.arm()
             t0 = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(self.plan.accum)]
+            with self.throughput.timer("data"):
+                micro_batches = [next(batches) for _ in range(self.plan.accum)]
             result = engine.train_step(micro_batches, step=state.step + 1)
             state.step += 1
             dt = time.perf_counter() - t0
@@ -331,19 +336,23 @@ class Trainer:
             state.acc_steps += 1
             tokens = sum(count_tokens(b) for b in micro_batches)
             state.acc_tokens += tokens
-            self.step_times.record(state.step, dt)
             self.step_log.record(state.step, dt, result.loss, tokens)
             faults.maybe_fail("step", state.step)
 
             last = state.step == self.total
-            if state.step % cfg.logging.every_steps == 0 or last:
-                self._log_train(result, dt)
+            log = state.step % cfg.logging.every_steps == 0 or last
+            self.throughput.step(dt, micro_batches, log)
+            if watch:
+                self.sinks.log(state.step, self.memory.collect(state.step), "memory")
+            if log:
+                self._log_train(result)
             else:
                 self.sinks.progress(state.step)
 
             preempted = any_rank(self.flag.set, self.device)
             metric = None
             if self.evaluator.should_evaluate(state.step, last, preempted):
+                beat("evaluation", state.step)
                 ev = self.evaluator.evaluate("validation")
                 self.sinks.log(state.step, ev.metrics, "eval")
                 self.evaluator.track(state, ev, state.step)
@@ -365,11 +374,10 @@ class Trainer:
                 break
         return ExitCode.DONE
 
-    def _log_train(self, result, dt: float) -> None:
+    def _log_train(self, result) -> None:
         state = self.state
-        loss_sum, tokens, tsum = all_reduce_sum([state.acc_loss, state.acc_tokens, dt], self.device)
+        loss_sum, tokens = all_reduce_sum([state.acc_loss, state.acc_tokens], self.device)
         state.tokens_seen += int(tokens)
-        step_time = tsum / self.world
         finite = state.acc_steps - state.acc_nonfinite  # the same on every rank (agreed)
         values = {
             "loss": loss_sum / (finite * self.world) if finite else None,
@@ -380,9 +388,9 @@ class Trainer:
             "skipped_steps": self.engine.skipped_steps,
             "nonfinite_steps": state.nonfinite_steps,
             "epoch": state.samples_seen / self.sampler.num_samples,
-            "samples_per_s": self.plan.global_batch / step_time,
-            "tokens_per_s": tokens / state.acc_steps / step_time,
-            "step_time_s": step_time,
+            # the whole window since the last log step, the slowest rank's time: step_time_s,
+            # samples_per_s, tokens_per_s, tflops_per_device, mfu, the phase split
+            **self.throughput.window(self.device),
             **memory_stats(self.device),
         }
         self.sinks.log(state.step, {k: v for k, v in values.items() if v is not None}, "train")
@@ -417,6 +425,7 @@ class Trainer:
         return True
 
     def _save(self, metric: float | None = None) -> None:
+        beat("checkpoint save", self.state.step)
         epoch, _ = self.sampler.position(self.state.step)
         figures = self.ckpts.save(
             self.state.step,
@@ -445,6 +454,7 @@ class Trainer:
     def finish(self) -> None:
         state, ev = self.state, self.evaluator
         rss_train = peak_rss_gb()  # the peak so far: set-up and training
+        beat("final evaluation", state.step)
         final = ev.evaluate("validation")
         self.sinks.log(state.step, final.metrics, "eval")
         ev.track(state, final, state.step, final=True)
@@ -458,6 +468,11 @@ class Trainer:
         rss = all_gather_object([rss_train, peak_rss_gb()])
         # rank 0 writes final/ and the reports while the others wait on the long group; an
         # error there is raised on every rank instead of leaving them waiting
+        beat("export", state.step)
+        self.figures = {  # collectives, so before rank 0 writes alone
+            "throughput": self.throughput.summary(self.device),
+            "memory": self.memory.results(),
+        }
         run_on_rank0(self._write_outputs, final, test, prints, rss)
 
     def _write_outputs(self, final: EvalResult, test: EvalResult | None, prints, rss) -> None:
@@ -538,10 +553,11 @@ class Trainer:
                 "value": state.best_metric,
                 "step": state.best_step,
             },
-            "throughput": self.step_times.summary(self.plan.global_batch),
+            "throughput": self.figures["throughput"],
             "memory": {
                 "host_peak_rss_gb_train": [r[0] for r in rss],  # per rank, at the end of the loop
                 "host_peak_rss_gb_end": [r[1] for r in rss],  # per rank, after the finish
+                **self.figures["memory"],
             },
             "world_size": self.world,
             "parameters": self.num_parameters,
@@ -550,6 +566,9 @@ class Trainer:
             "params_in_sync": len({p["replicated"] for p in prints}) == 1,
             "wall_time_s": time.time() - self.t_start,
         }
+        results["cost"] = cost_figures(
+            self.cfg, self.throughput, results["throughput"], results["wall_time_s"], self.total
+        )
         for split, r in (("validation", final), ("test", test)):
             if r is not None and r.report:
                 results.update(self.task.report_results(split, r.report))
@@ -577,6 +596,8 @@ class Trainer:
         shown = ", ".join(f"{k} {v[k]:.4f}" for k in self.task.metrics if k in v)
         tp = r["throughput"]
         speed = f"{tp['samples_per_s']:.1f} samples/s" if tp["samples_per_s"] else "n/a"
+        if tp.get("mfu") is not None:
+            speed += f", {tp['tflops_per_device']:.3g} TFLOP/s per device, MFU {tp['mfu']:.1%}"
         self.log(
             f"done: {r['steps']} steps in {r['wall_time_s']:.1f}s on {r['world_size']} rank(s); validation {shown}; "
             f"best {r['best']['metric']} {r['best']['value']:.4f} at step {r['best']['step']}; {speed}; "
