@@ -371,3 +371,23 @@ def test_bare_torchrun_bad_data_one_message_exit_2(tmp_path, cache_dir):
     assert proc.stderr.count("config error") == 1 and "line 202" in proc.stderr, proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
+
+
+def test_causal_lm_prompt_response_cells_are_checked(tmp_path, capsys):
+    rows = [json.dumps({"prompt": f"q {i}", "response": f"a {i}"}) + "\n" for i in range(200)]
+    path = write(tmp_path, "sft.jsonl", "".join(rows) + '{"prompt": "q", "response": ""}\n')
+    code, err = cli(
+        capsys,
+        "validate",
+        "--set",
+        "task=causal_lm",
+        "--set",
+        "model.name_or_path=builtin:tiny-gpt2",
+        "--set",
+        f"data.train={path}",
+        "--set",
+        "data.prompt_column=prompt",
+        "--set",
+        "data.response_column=response",
+    )
+    assert code == 2 and "column 'response': 1 empty or missing text cell at line 201" in err, err

@@ -135,6 +135,12 @@ def _starts_with(path: Path, encoding: str, char: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+def column(ds, col: str) -> list[Any]:
+    """A column as a Python list, read through Arrow in one go (iterating ``ds[col]``, a
+    lazy ``Column`` in datasets 4, formats row by row: 1 s for SST-2's 67k rows)."""
+    return ds.select_columns([col]).to_dict()[col]
+
+
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -149,7 +155,7 @@ def text_problems(ds, columns: dict[str, str], source: Source) -> list[CellProbl
     for key, col in columns.items():
         if col not in ds.column_names:
             continue  # check_splits names the missing column
-        values = ds[col]
+        values = column(ds, col)
         empty = [i for i, v in enumerate(values) if empty_or_missing(v)]
         other = [
             i for i, v in enumerate(values) if not empty_or_missing(v) and not isinstance(v, str)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from .config import ConfigError, DataConfig, RunConfig
-from .datacheck import CellProblem, plural
+from .datacheck import CellProblem, column, plural
 from .distributed import all_gather_object, all_reduce_sum
 from .entities import entity_counts, entity_metrics, entity_report, entity_types, tag_problem
 
@@ -223,7 +223,7 @@ class ClassificationTask(Task):
         col = self.data.label_column
         if col not in ds.column_names:
             return []
-        values = ds[col]
+        values = column(ds, col)
         missing = [
             i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())
         ]
@@ -296,7 +296,7 @@ class ClassificationTask(Task):
         col = self.data.label_column
         where = f"data.train={self.data.train!r} column {col!r}"
         configured = self.cfg.model.num_labels
-        values = {s: ds[col] for s, ds in splits.items()}
+        values = {s: column(ds, col) for s, ds in splits.items()}
         train_classes = sorted(set(values["train"]), key=str)
         if len(train_classes) == 1:
             raise ConfigError(
@@ -496,6 +496,9 @@ class CausalLMTask(Task):
                 "data.response_column": d.response_column,
             }
         return {"data.text_column": d.text_column}
+
+    def text_columns(self) -> dict[str, str]:
+        return self.required_columns()
 
     def tokenize(self, batch, tokenizer, labels):
         d = self.data
