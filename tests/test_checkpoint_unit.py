@@ -49,7 +49,9 @@ def test_truncated_and_corrupted_files_are_named(tmp_path):
     assert "zero/state.pt: size" in ck.verify(d)[0] and "truncated" in ck.verify(d)[0]
     f.write_bytes(b"y" + data[1:])
     assert ck.verify(d) == [f"{d.name}/zero/state.pt: checksum mismatch (corrupted)"]
-    assert ck.verify(d, level="size") == []  # same size: only the checksum catches it
+    # same size: only the checksum catches it, which a file DeepSpeed unpickles gets at every
+    # level (tests/test_checkpoint_safety.py)
+    assert ck.verify(d, level="size") == ck.verify(d)
 
 
 def test_missing_manifest_means_incomplete(tmp_path):

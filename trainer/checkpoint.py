@@ -183,8 +183,15 @@ def describe_file(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
     return {"size": size, "sha256": h.hexdigest()}
 
 
+def needs_pickle(rel: str) -> bool:
+    """A file only ``pickle`` can read: DeepSpeed's ``*.pt`` (``torch.load(weights_only=False)``).
+    Everything else zerotune reads as JSON, safetensors or ``torch.load(weights_only=True)``."""
+    return rel.startswith(f"{ZERO_TAG}/") and rel.endswith(".pt")
+
+
 def verify(ckpt: Path, level: str = "checksum") -> list[str]:
-    """Problems with a committed checkpoint (empty list: valid)."""
+    """Problems with a committed checkpoint (empty list: valid). At ``level="size"`` the
+    files that need pickle are still checksummed: no unverified file is ever unpickled."""
     mpath = ckpt / MANIFEST
     if not mpath.is_file():
         return [f"{ckpt.name}: no {MANIFEST} (incomplete write?)"]
@@ -201,7 +208,7 @@ def verify(ckpt: Path, level: str = "checksum") -> list[str]:
             problems.append(
                 f"{ckpt.name}/{rel}: size {p.stat().st_size} != {meta['size']} in the manifest (truncated?)"
             )
-        elif level == "checksum" and sha256_file(p) != meta["sha256"]:
+        elif (level == "checksum" or needs_pickle(rel)) and sha256_file(p) != meta["sha256"]:
             problems.append(f"{ckpt.name}/{rel}: checksum mismatch (corrupted)")
     return problems
 
@@ -514,6 +521,13 @@ def check_compatible(ckpt: Path, cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _describe_universal(out: Path) -> None:
+    """The conversion's own manifest: its files are unpickled by DeepSpeed's universal loader,
+    so a cached conversion is loaded only while every checksum matches."""
+    files = {str(p.relative_to(out)): describe_file(p) for p in list_files(out)}
+    write_json_atomic(out / MANIFEST, {"format": FORMAT_VERSION, "universal": True, "files": files})
+
+
 def base_model_problem(ckpt: Path, digest: str) -> str | None:
     """A PEFT checkpoint holds no frozen weights: the base this run built must be the one it
     was trained on (the manifest's digest of the frozen parameters)."""
@@ -530,8 +544,13 @@ def ensure_universal(ckpt: Path) -> Path:
     out = ckpt / "universal"
 
     def convert() -> None:
-        if not (out / "DONE").exists():
+        problems = verify(out) if (out / "DONE").exists() else ["not converted yet"]
+        if problems and (out / "DONE").exists():
+            print(f"zerotune: warning: converting {ckpt.name} again: {'; '.join(problems[:3])}")
+        if problems:
             convert_to_universal(ckpt, out)
+            if (out / "DONE").exists():  # else the error below says what to do
+                _describe_universal(out)
 
     run_on_rank0(convert)  # the others wait on the long group: conversion takes minutes at scale
     if not (out / "DONE").exists():
