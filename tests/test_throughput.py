@@ -299,3 +299,12 @@ def test_tensorboard_has_mfu_and_memory(runs):
     mfu = [e.value for e in acc.Scalars("train/mfu")]
     jsonl = [r["mfu"] for r in _train_records(runs["2ranks-accum2"])]
     assert mfu == pytest.approx(jsonl, rel=1e-6)
+
+
+def test_scaling_overrides_are_checked_with_the_config():
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["scaling.peak_tflops_per_device=0", "scaling.price_per_device_hour=x"])
+    assert "scaling.peak_tflops_per_device=0" in str(e.value)
+    assert "scaling.price_per_device_hour='x'" in str(e.value)

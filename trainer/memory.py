@@ -72,13 +72,12 @@ class ModelStates:
         return asdict(self)
 
     def max(self, other: ModelStates) -> ModelStates:
-        """Per field maximum; the total is the larger of the two snapshots' totals."""
-        out = ModelStates(
+        """Per category maximum (the total is their sum: what a rank must have room for)."""
+        return ModelStates(
             max(self.params, other.params),
             max(self.grads, other.grads),
             max(self.optimizer, other.optimizer),
         )
-        return out
 
 
 def bytes_of(precision: str) -> int:
@@ -356,11 +355,8 @@ class MemoryWatch:
         mine = self.peak.peak if self.peak and self.peak.peak else ModelStates(0, 0, 0)
         self.measured = all_gather_object(mine.as_dict())
         self.step = step
-        return {
-            k: v
-            for k, v in self.figures(all_gather_object(peak_memory_bytes(self.device))).items()
-            if not isinstance(v, (list, dict))
-        }
+        figures = self.figures(all_gather_object(peak_memory_bytes(self.device)))
+        return {k: v for k, v in figures.items() if not isinstance(v, (list, dict))}  # scalars
 
     def figures(self, peaks: list[int]) -> dict[str, Any]:
         out: dict[str, Any] = {
