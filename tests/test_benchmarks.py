@@ -1,0 +1,117 @@
+"""benchmarks/: the comparison harness (zerotune, the hand-written floor loop, transformers'
+Trainer) and the GPU MFU script's CPU dry run. The harness's own judgement (sameness) is
+checked on made-up records in the fast tier; the real launches are slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, base_env
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(tokens: list[int], losses: list[float]) -> dict:
+    steps = [
+        {"step": i + 1, "t_end": 100.0 + i, "seconds": 0.9, "loss": x, "tokens": t}
+        for i, (t, x) in enumerate(zip(tokens, losses))
+    ]
+    return {"steps": [steps, steps], "events": [], "launched": 90.0, "ended": 120.0}
+
+
+def test_sameness_names_the_step_whose_tokens_differ_and_a_first_loss_beyond_tolerance():
+    compare = _compare()
+    floor = _run([300, 310, 305], [0.70, 0.69, 0.68])
+    assert compare.sameness(floor, _run([300, 310, 305], [0.70 + 5e-5, 0.5, 0.1]), "z", 1e-4) == []
+    problems = compare.sameness(floor, _run([300, 311, 305], [0.70, 0.69, 0.68]), "z", 1e-4)
+    assert problems == [
+        "z rank 0: step 2 has [311] tokens, floor [310]",
+        "z rank 1: step 2 has [311] tokens, floor [310]",
+    ]
+    (problem, _) = compare.sameness(floor, _run([300, 310, 305], [0.7003, 0.69, 0.68]), "t", 1e-4)
+    assert "t rank 0: first loss 0.700300, floor 0.700000" in problem
+
+
+def test_figures_are_read_from_the_step_records():
+    compare = _compare()
+    r = _run([300, 310, 305, 320], [0.7] * 4)
+    r["events"] = [{"end": {"peak_rss_gb": 1.5}}, {"end": {"peak_rss_gb": 1.25}}]
+    f = compare.figures(r, warmup=1)
+    assert f["interval_s"] == pytest.approx(1.0) and f["step_s"] == pytest.approx(0.9)
+    assert f["first_step_s"] == pytest.approx(10.0) and f["total_s"] == pytest.approx(30.0)
+    assert f["peak_rss_gb_per_rank"] == [1.5, 1.25]
+    # steps 2-4 on both ranks over the intervals that ended them (3 s)
+    assert f["tokens_per_s"] == pytest.approx(2 * (310 + 305 + 320) / 3.0)
+
+
+def test_compare_skips_cleanly_without_the_data(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert f"skipped: {tmp_path / 'train.tsv'} not found" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_demo_runs_every_contender_on_the_same_work(tmp_path, cache_dir):
+    contenders = ["zerotune", "floor"]
+    if importlib.util.find_spec("accelerate") is not None:
+        contenders.append("trainer")
+    args = ["--model", "demo", "--repeats", "1", "--steps", "6", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args]
+        + ["--contenders", ",".join(contenders)],
+        env=base_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "same work: equal tokens at every step on every rank" in proc.stdout
+    for label in ("per step", "step-end interval", "launch → first step", "total wall-clock"):
+        assert label in proc.stdout
+    s = json.loads((tmp_path / "summary.json").read_text())
+    firsts = list(s["first_losses"].values())
+    assert len(firsts) == len(contenders) and all(f == firsts[0] for f in firsts)
+    assert all(gap < 1e-4 for gap in s["max_loss_gap"].values()), s["max_loss_gap"]
+    for name in contenders:
+        (f,) = s["figures"][name]
+        assert 0 < f["step_s"] < f["total_s"] and f["first_step_s"] < f["total_s"]
+        assert len(f["peak_rss_gb_per_rank"]) == 2 and f["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_mfu_dry_run_trains_the_llama_path_and_prints_mfu(tmp_path, cache_dir):
+    env = base_env(cache_dir, MFU_DIR=str(tmp_path), MFU_PEAK_TFLOPS="1")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_mfu.sh"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    m = re.search(r"([\d,]+) tokens/s; ([\d.e+-]+) TFLOP/s per device .*MFU ([\d.]+) %", line)
+    assert m, line
+    tokens_s, tflops, mfu = float(m[1].replace(",", "")), float(m[2]), float(m[3])
+    assert tokens_s > 0 and mfu == pytest.approx(100 * tflops, rel=0.05, abs=0.06)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    env_json = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert results["steps"] == 6 and env_json["batch"]["global"] == 8
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "builtin:tiny-llama" in config and "precision: bf16" in config
