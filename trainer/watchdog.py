@@ -232,24 +232,31 @@ def report_lost_peer(rank: int, error: BaseException) -> None:
     )
 
 
-def is_peer_failure(error: BaseException) -> bool:
-    """A communication error: another rank died, stopped or closed its connection."""
+PEER_ERRORS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "gloo",
+    "NCCL",
+    "Timed out waiting",
+    # the launcher's teardown (SIGTERM to the rank's session) reached its loader worker
+    "killed by signal: Terminated",
+)
+
+
+def is_peer_failure(error: BaseException | None) -> bool:
+    """A communication error (another rank died, stopped or closed its connection), or an
+    echo of one raised while it was handled: the whole chain counts."""
     import torch.distributed as dist
 
-    if isinstance(error, dist.DistError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        s in text
-        for s in (
-            "Connection closed by peer",
-            "Connection reset by peer",
-            "Broken pipe",
-            "gloo",
-            "NCCL",
-            "Timed out waiting",
-        )
-    )
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, dist.DistError) or (
+            isinstance(error, RuntimeError) and any(s in str(error) for s in PEER_ERRORS)
+        ):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 # ---- the watchdog thread -------------------------------------------------------------------
@@ -299,6 +306,36 @@ class Watchdog(threading.Thread):
                 with contextlib.suppress(Exception):  # the next tick judges the store
                     self.publish()
             shown = (HEARTBEAT.phase, HEARTBEAT.step)
+            dead = self.dead_neighbour()
+            if dead is not None:
+                self.on_dead(dead)
+                return
+
+    def dead_neighbour(self) -> int | None:
+        """A rank on this host whose process is gone. Gloo notices a dead peer only when
+        every copy of its sockets is closed, and the loader workers it forked hold them for
+        up to 5 s more; the survivors need not wait for that."""
+        import psutil
+
+        host = socket.gethostname()
+        for r, rec in self.records.items():
+            if rec.get("host") != host or rec.get("phase") == FINISHED or not rec.get("pid"):
+                continue
+            try:
+                if psutil.Process(rec["pid"]).status() == psutil.STATUS_ZOMBIE:
+                    return r
+            except psutil.NoSuchProcess:
+                return r
+            except psutil.Error:
+                continue
+        return None
+
+    def on_dead(self, rank: int) -> None:
+        """End this rank as a collective failing on the dead peer would (exit PEER_LOST)."""
+        from .process import ExitCode
+
+        report_lost_peer(self.rank, RuntimeError(f"rank {rank}'s process is gone"))
+        os._exit(ExitCode.PEER_LOST)
 
     def stop(self) -> None:
         """This rank is done: say so (peers must not take its silence for a hang), then stop."""
