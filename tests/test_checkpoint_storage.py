@@ -128,6 +128,15 @@ def test_full_tmpfs_is_named_enospc_and_keeps_the_committed_checkpoint(tmp_path)
         assert ck.verify(run_dir / "checkpoints" / "step_00000004") == []
         print(f"\nfull tmpfs: failed cleanly {out[0][2]:.1f}s after the run started: {msg}")
 
+        # started again on the still-full disk: warned before training, then the same failure
+        warned = _run(run_dir, cache)
+        assert [code for code, _, _ in warned] == [1, 1]
+        warning = [
+            line for line in warned[0][1].splitlines() if "warning:" in line and "free" in line
+        ]
+        assert len(warning) == 1 and "one checkpoint needs about" in warning[0], warned[0][1]
+        assert warned[0][1].index(warning[0]) < warned[0][1].index("error:")
+
         subprocess.run(["mount", "-o", f"remount,size={one * 4}", str(mnt)], check=True)
         again = _run(run_dir, cache)
         assert [code for code, _, _ in again] == [0, 0]

@@ -151,6 +151,7 @@ class Trainer:
             return code
         except (ckpt_mod.CheckpointWriteError, NonFiniteError) as e:  # on every rank alike
             self.log(f"error: {e}")
+            barrier(long=True)  # rank 0's line is out before any rank exits (and is torn down)
             return ExitCode.FAILED
         finally:
             self.close(preempted=code == ExitCode.PREEMPTED)
