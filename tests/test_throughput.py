@@ -308,3 +308,16 @@ def test_scaling_overrides_are_checked_with_the_config():
         load_config(TINY, ["scaling.peak_tflops_per_device=0", "scaling.price_per_device_hour=x"])
     assert "scaling.peak_tflops_per_device=0" in str(e.value)
     assert "scaling.price_per_device_hour='x'" in str(e.value)
+
+
+def test_packed_rows_count_each_sequence():
+    """``data.packing``: one row, no mask; sequences of 3, 2 and 4 tokens where the position
+    ids restart at 0 — three samples, nine tokens, attention over each sequence alone."""
+    from trainer.throughput import batch_counts
+
+    packed = {
+        "input_ids": torch.ones(1, 9),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]),
+    }
+    assert batch_counts(packed) == (3, 9, 9 + 4 + 16)
+    assert batch_counts(_batch([4, 6])) == (2, 10, 16 + 36)  # padding left out

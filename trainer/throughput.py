@@ -79,17 +79,26 @@ class PhaseTimer:
         return out
 
 
+def sequence_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding length of each sequence of a micro-batch: from its attention mask, or, in
+    a packed row (``data.packing``: no mask), from where its position ids restart at 0."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum(dim=-1)
+    positions = batch.get("position_ids")
+    if positions is not None:
+        flat = positions.reshape(-1)
+        starts = torch.nonzero(flat == 0).flatten()
+        ends = torch.cat([starts[1:], torch.tensor([flat.numel()], device=starts.device)])
+        return ends - starts
+    ids = batch["input_ids"]
+    return torch.full((ids.shape[0],), ids.shape[-1])
+
+
 def batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-    """(samples, non-padding tokens, Σ of squared sequence lengths) of one micro-batch."""
-    if "attention_mask" not in batch:  # packed (data.packing): sequences restart at position 0
-        pos = batch["position_ids"].flatten()
-        starts = torch.nonzero(pos == 0).flatten()
-        ends = torch.cat([starts[1:], torch.tensor([pos.numel()], device=starts.device)])
-        lengths = ends - starts
-        return int(lengths.numel()), int(lengths.sum()), int((lengths * lengths).sum())
-    mask = batch["attention_mask"]
-    lengths = mask.sum(dim=-1)
-    return int(mask.shape[0]), int(lengths.sum()), int((lengths * lengths).sum())
+    """(sequences, non-padding tokens, Σ of squared sequence lengths) of one micro-batch."""
+    lengths = sequence_lengths(batch).long()
+    return int(lengths.numel()), int(lengths.sum()), int((lengths * lengths).sum())
 
 
 class Window:
