@@ -43,8 +43,14 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def adamw(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
+    """torch AdamW, no weight decay on biases and norms (a ZeRO-3 parameter built partitioned
+    is a 1-D placeholder: its shape is ``ds_shape``)."""
+
+    def decays(n: str, p) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2 and "norm" not in n.lower()
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not decays(n, p)]
     groups = [
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": rest, "weight_decay": 0.0},

@@ -303,7 +303,11 @@ def enable_activation_checkpointing(model) -> None:
             f"(model_type {model.config.model_type!r}) does not support gradient checkpointing "
             "in transformers; set train.activation_checkpointing=false"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
