@@ -94,7 +94,9 @@ def test_missing_column_lists_existing_columns(tmp_path):
 def test_labels_out_of_range_named(tmp_path):
     f = write_tsv(tmp_path / "t.tsv", [("a", 0), ("b", 1), ("c", 7)] * 10)
     c = load_config(None, [f"data.train={f}", "data.text_column=sentence", "model.num_labels=2"])
-    with pytest.raises(ConfigError, match=r"labels \[7\] outside 0..1"):
+    with pytest.raises(
+        ConfigError, match=r"10 out-of-range \(0..1\) labels \(e.g. 7\) at lines 4, 7,"
+    ):
         check_splits(c, load_raw_splits(c))
 
 
