@@ -20,12 +20,13 @@ from pathlib import Path
 
 from trainer.config import ConfigError, load_config
 
-from .collect import window_mean
+from .collect import window_mean, window_values
 from .estimate import (
     Calibration,
     Hardware,
     bandwidth_for,
     comm_bytes,
+    device_peak,
     flops_per_step_per_rank,
     global_batch,
     offload_seconds,
@@ -63,8 +64,13 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def measured(run_dir: Path) -> dict:
-    """The figures of a finished run the calibration uses (ConfigError when it has none)."""
+def measured(run_dir: Path, timing: str = "mean") -> dict:
+    """The figures of a finished run the calibration uses (ConfigError when it has none).
+
+    ``timing``: ``mean`` — the run's summary step time; ``fastest`` — its fastest log window
+    after the warm-up: on a machine shared with other work, contention only ever adds time,
+    so the fastest window is the closest to the run's own speed (log every step for this).
+    """
     results = _json(run_dir / "results.json")
     env = _json(run_dir / "env.json")
     if not (run_dir / "config.yaml").is_file() or not env:
@@ -79,6 +85,8 @@ def measured(run_dir: Path) -> dict:
         or tp.get("mean_step_time_s")
         or window_mean(run_dir, "step_time_s", warmup)
     )
+    if timing == "fastest":
+        step = min(window_values(run_dir, "step_time_s", warmup), default=None)
     tokens = tp.get("tokens_per_s") or window_mean(run_dir, "tokens_per_s", warmup)
     samples = tp.get("samples_per_s") or window_mean(run_dir, "samples_per_s", warmup)
     if not step:
@@ -93,21 +101,27 @@ def measured(run_dir: Path) -> dict:
         "peak_tflops": tp.get("peak_tflops"),
         "device_name": env.get("device_name", ""),
         "parameters": env.get("parameters"),
+        "threads": env.get("torch_threads") or 1,
         "total_steps": results.get("total_steps") or env.get("total_steps"),
     }
 
 
-def calibrate(run_dir: Path, shape: ModelShape, hw: Hardware) -> tuple[Calibration, dict]:
+def calibrate(
+    run_dir: Path, shape: ModelShape, hw: Hardware, timing: str = "mean"
+) -> tuple[Calibration, dict]:
     """Efficiency (and tokens per sample) that reproduce the run's measured step time.
 
-    The run's own peak replaces the table's on a CPU (the probe depends on the rank's
-    threads): what matters is that calibration and prediction divide by the same peak.
+    On a CPU the run's own probe replaces this process's, per thread (its ``torch_threads``):
+    a rank's peak is its threads' (``estimate.device_peak``), and what matters is that
+    calibration and prediction divide by the same peak.
     """
-    m = measured(run_dir)
+    m = measured(run_dir, timing)
     cfg, world = m["cfg"], m["world"]
     notes = []
     if hw.name == "cpu" and m["peak_tflops"]:
-        hw.peak_tflops, hw.peak_source = float(m["peak_tflops"]), f"the run's probe ({run_dir})"
+        per_thread = float(m["peak_tflops"]) / m["threads"]
+        hw.peak_tflops = per_thread * hw.cores
+        hw.peak_source = f"the run's probe ({run_dir}): {per_thread:.3g} TFLOP/s per thread"
     if m["parameters"] and m["parameters"] != shape.parameters:
         notes.append(
             f"the calibration run has {m['parameters']:,} parameters, the estimated model {shape.parameters:,}"
@@ -129,11 +143,11 @@ def calibrate(run_dir: Path, shape: ModelShape, hw: Hardware) -> tuple[Calibrati
     if not hw.peak_tflops:
         raise ConfigError(f"--calibrate: no peak TFLOP/s for {hw.name} ({hw.peak_source})")
     f_rank = flops_per_step_per_rank(shape, tokens, glob, world)
-    eff = f_rank / (hw.peak_tflops * 1e12 * compute)
+    eff = f_rank / (device_peak(hw, world) * 1e12 * compute)
     cal = Calibration(
         eff,
         m["tokens_per_sample"],
-        f"calibrated on {run_dir} (world {world}, ZeRO {cfg.zero.stage}, step {m['step_time_s']:.4g} s)",
+        f"calibrated on {run_dir} (world {world}, ZeRO {cfg.zero.stage}, {timing} step {m['step_time_s']:.4g} s)",
         notes,
     )
     return cal, m

@@ -42,6 +42,12 @@ def add_parsers(sub, check) -> None:
     e.add_argument(
         "--efficiency", type=float, help="achieved/peak FLOP/s (default 0.4; --calibrate fits it)"
     )
+    e.add_argument(
+        "--timing",
+        choices=["mean", "fastest"],
+        default="mean",
+        help="--calibrate on the run's mean step time, or its fastest log window (a shared machine)",
+    )
     e.add_argument("--tokens", type=float, help="a training-token target for time and cost")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_estimate)
@@ -106,7 +112,7 @@ def cmd_estimate(args) -> int:
     cal = Calibration()
     run_steps = cfg.train.max_steps
     if args.calibrate:
-        cal, m = calibrate(Path(args.calibrate), shape, hw)
+        cal, m = calibrate(Path(args.calibrate), shape, hw, args.timing)
         run_steps = run_steps or m["total_steps"]
     if args.efficiency is not None:
         cal.efficiency, cal.source = args.efficiency, f"given efficiency {args.efficiency}"
@@ -206,12 +212,22 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(path)
     validate(sweep, args.check, args.slurm)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{path.stem}"
-    return run_sweep(sweep, out, args.slurm, args.dry_run)
+    try:
+        return run_sweep(sweep, out, args.slurm, args.dry_run)
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_report(args) -> int:
     from .report import write_report
 
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return report_config_error(
+            "matplotlib is not installed: pip install 'zerotune[plot]' (or matplotlib)",
+            prog="zerotune report",
+        )
     d = Path(args.sweep_dir)
     if not (d / "results.csv").is_file():
         return report_config_error(

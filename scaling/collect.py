@@ -93,13 +93,19 @@ def train_records(run_dir: Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def window_values(run_dir: Path, key: str, warmup: int) -> list[float]:
+    """A logged window figure of every log window that starts after the warm-up steps."""
+    out, start = [], 1
+    for r in train_records(run_dir):
+        if start > warmup and isinstance(r.get(key), (int, float)):
+            out.append(float(r[key]))
+        start = r["step"] + 1
+    return out
+
+
 def window_mean(run_dir: Path, key: str, warmup: int) -> float | None:
-    """Mean of a logged window figure over the log steps after the warm-up."""
-    vals = [
-        r[key]
-        for r in train_records(run_dir)
-        if r["step"] > warmup and isinstance(r.get(key), (int, float))
-    ]
+    """Mean of a logged window figure over the windows after the warm-up."""
+    vals = window_values(run_dir, key, warmup)
     return sum(vals) / len(vals) if vals else None
 
 

@@ -44,6 +44,7 @@ the device-hour price (``trainer.hardware``) × devices × time.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ class Hardware:
     bus_gbps: tuple[float, float]  # (within a node, across nodes)
     per_node: int  # devices per node
     bandwidth_source: str = "default table"
+    cores: int = 1  # cpu: the machine's cores; peak_tflops is theirs (device_peak splits it)
+    omp_threads: int | None = None  # cpu: OMP_NUM_THREADS where set (every rank's threads)
 
 
 @dataclass
@@ -137,11 +140,16 @@ def device_hardware(
     """The device's table rows; ValueError names an unknown device and the known ones."""
     import psutil
 
+    cores = 1
     if hardware.is_cpu(gpu):
+        import torch
+
+        cores = os.cpu_count() or 1
         peak, peak_src = hardware.peak_tflops("cpu", precision)
-        price, price_src = hardware.price_per_device_hour("cpu", cores=1)
-        node = per_node or 1
-        mem = psutil.virtual_memory().total / node
+        peak = peak / torch.get_num_threads() * cores  # the probe ran on this process's threads
+        price, price_src = hardware.price_per_device_hour("cpu", cores=cores)
+        node = per_node or 10**6  # one machine holds every rank
+        mem = psutil.virtual_memory().total
         bus = BUS_GBPS["cpu"]
         name = "cpu"
     else:
@@ -154,7 +162,9 @@ def device_hardware(
         mem = DEVICE_MEMORY_GIB[name] * GIB
         bus = BUS_GBPS.get(name, PCIE_CARD_GBPS)
         node = per_node or 8
-    hw = Hardware(name, mem, peak, peak_src, price, price_src, bus, node)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    hw = Hardware(name, mem, peak, peak_src, price, price_src, bus, node, cores=cores)
+    hw.omp_threads = int(omp) if omp.isdigit() and int(omp) > 0 else None
     if bandwidth is not None:
         hw.bus_gbps, hw.bandwidth_source = (bandwidth, bandwidth), "given"
     return hw
@@ -225,6 +235,17 @@ def offload_seconds(shape: ModelShape, cfg, stage: int, world: int) -> float:
     return transfer + part * 32 / HOST_ADAM_BYTES_PER_S  # read+write master, m, v
 
 
+def device_peak(hw: Hardware, world: int) -> float:
+    """Peak TFLOP/s of one rank. A GPU is its own; on a CPU a rank computes with its threads:
+    OMP_NUM_THREADS where set, else the machine's cores when it is alone and one thread
+    otherwise (torchrun's default); the ranks share the machine's memory."""
+    if hw.name != "cpu":
+        return hw.peak_tflops or 0.0
+    alone = min(world, hw.per_node) == 1
+    threads = hw.omp_threads or (hw.cores if alone else 1)
+    return (hw.peak_tflops or 0.0) / hw.cores * threads
+
+
 def bandwidth_for(hw: Hardware, world: int) -> float:
     within, across = hw.bus_gbps
     return within if world <= hw.per_node else across
@@ -280,13 +301,15 @@ def estimate_point(
     on_device = ms.total - (ms.host or 0) + RESERVED_BYTES * (hw.name != "cpu")
     p.device_bytes = on_device + act
     p.device_bytes_ckpt = on_device + act_ckpt
-    p.fits = p.device_bytes <= hw.memory_bytes
-    p.fits_with_checkpointing = p.device_bytes_ckpt <= hw.memory_bytes
+    ranks = min(world, hw.per_node) if hw.name == "cpu" else 1  # ranks sharing the memory
+    p.fits = p.device_bytes * ranks <= hw.memory_bytes
+    p.fits_with_checkpointing = p.device_bytes_ckpt * ranks <= hw.memory_bytes
     p.host_offload_bytes_per_node = (ms.host or 0) * min(world, hw.per_node)
     p.host_export_bytes = 4.0 * shape.parameters
     f_rank = flops_per_step_per_rank(shape, tokens, glob, world)
-    if hw.peak_tflops:
-        p.compute_s = f_rank / (hw.peak_tflops * 1e12 * cal.efficiency)
+    peak = device_peak(hw, world)
+    if peak:
+        p.compute_s = f_rank / (peak * 1e12 * cal.efficiency)
     p.comm_bytes_per_rank = comm_bytes(shape, cfg.precision, stage, world, accum, cfg.engine)
     p.comm_s = p.comm_bytes_per_rank / (bandwidth_for(hw, world) * 1e9)
     p.offload_s = offload_seconds(shape, cfg, stage, world)
@@ -295,7 +318,7 @@ def estimate_point(
         return p
     p.tokens_per_s = tokens * glob / p.step_time_s
     p.tflops_per_device = f_rank / p.step_time_s / 1e12
-    p.mfu = p.tflops_per_device / hw.peak_tflops if hw.peak_tflops else None
+    p.mfu = p.tflops_per_device / peak if peak else None
     if hw.price is not None:
         p.cost_per_1m_tokens = hw.price * world * 1e6 / p.tokens_per_s / 3600
     steps = run_steps

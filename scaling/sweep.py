@@ -262,8 +262,15 @@ def run_local(p: Point, run_dir: Path, timeout_s: float | None) -> tuple[str, st
             timed_out = True
             _stop(proc)
             code = proc.returncode
+        except BaseException:  # Ctrl-C / SIGTERM of the sweep: the point's own session too
+            _stop(proc)
+            raise
     status, reason = classify(code, _tail(log), timed_out)
     return status, reason, code
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -335,6 +342,7 @@ def run_sweep(sweep: Sweep, out: Path, slurm_mode: bool = False, dry_run: bool =
             default=str,
         )
     )
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the running point, not just the sweep
     if slurm_mode:
         from .slurm import run_slurm
 
@@ -360,7 +368,16 @@ def run_sweep(sweep: Sweep, out: Path, slurm_mode: bool = False, dry_run: bool =
                 command=shlex.join(train_cmd(p, run_dir)),
             )
             t0 = time.perf_counter()
-            status, reason, code = run_local(p, run_dir, sweep.timeout_s)
+            try:
+                status, reason, code = run_local(p, run_dir, sweep.timeout_s)
+            except KeyboardInterrupt:
+                write_status(
+                    run_dir, "failed", "interrupted: the sweep was stopped", attempts=attempts
+                )
+                print(
+                    f"sweep: interrupted at {p.name}; run the same command to continue", flush=True
+                )
+                raise
             wall = time.perf_counter() - t0
             write_status(run_dir, status, reason, attempts=attempts, exit_code=code, wall_s=wall)
             progress(i, n, p.name, status, reason, wall, point_row(run_dir, p.values))

@@ -394,26 +394,32 @@ def test_fit_and_step_time_of_llama7b_on_h100(llama7b):
     assert p0.cost_per_1m_tokens == pytest.approx(2.99 * 8 * 1e6 / p0.tokens_per_s / 3600)
 
 
-def test_calibration_round_trip(tmp_path):
-    """A run whose step time the model predicts at efficiency 0.123 calibrates back to it."""
+def test_calibration_round_trip(tmp_path, monkeypatch):
+    """A run whose step time the model predicts at efficiency 0.123 calibrates back to it,
+    with the run's own CPU probe (per thread) as the peak, not this process's."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # torchrun's thread rule
     cfg = load_config(None)
     shape = shape_for(cfg)
     hw = est.device_hardware("cpu", "fp32", bandwidth=2.0)
-    hw.peak_tflops = 0.05
+    hw.peak_tflops = 0.05 * hw.cores  # 0.05 TFLOP/s per thread
     truth = est.estimate_point(shape, cfg, hw, est.Calibration(0.123, 20.0), 2, 2)
+    assert truth.comm_s > 0 and truth.compute_s > 0
     d = _fake_run(
         tmp_path / "run",
         2,
         2,
         20.0 * 64 / truth.step_time_s,
         truth.step_time_s,
-        throughput={"peak_tflops": 0.05},
+        throughput={"peak_tflops": est.device_peak(hw, 2)},  # a rank of 2: one thread
     )
     hw2 = est.device_hardware("cpu", "fp32", bandwidth=2.0)
     cal, _ = calibrate(d, shape, hw2)
     assert cal.efficiency == pytest.approx(0.123, rel=1e-6)
     assert cal.tokens_per_sample == pytest.approx(20.0)
-    assert hw2.peak_tflops == 0.05  # the run's own probe, not this process's
+    assert hw2.peak_tflops == pytest.approx(0.05 * hw.cores)
+    # one rank alone gets every core: compute time divides by the cores, communication is gone
+    one = est.estimate_point(shape, cfg, hw2, cal, 1, 2)
+    assert one.comm_s == 0 and one.compute_s == pytest.approx(truth.compute_s * 2 / hw.cores)
 
 
 def test_bandwidth_from_doctor_output(tmp_path):
