@@ -124,6 +124,7 @@ def run_torchrun(
         run(parse_args(torchrun_argv))
     except ChildFailedError as e:
         failures = {rank: (f.exitcode, f.pid) for rank, f in e.failures.items()}
+        _end_sessions([pid for _, pid in failures.values()])
         code, lines = explain_failure(
             failures, read_status(Path(status_dir)), run_dir, prog, INTERRUPTS.count > 0
         )
@@ -134,6 +135,15 @@ def run_torchrun(
         os.environ.pop(STATUS_DIR_ENV, None)
         shutil.rmtree(status_dir, ignore_errors=True)
     return ExitCode.DONE
+
+
+def _end_sessions(pids: list[int]) -> None:
+    """Kill what is left of failed ranks' sessions (the agent starts each rank as a session
+    leader): a dead rank's loader workers would otherwise live on for seconds, holding its
+    files, locks and sockets, and a command run again at once would find them."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def explain_failure(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -98,6 +99,30 @@ def test_watchdog_thread_over_a_real_store_names_the_rank_that_went_quiet():
     )
     assert 1.5 <= elapsed < 3.0, elapsed
     HEARTBEAT.beat("set-up")
+
+
+def test_a_dead_neighbour_is_seen_at_once_and_a_finished_one_is_not():
+    """The survivors do not wait for gloo (which waits for the dead rank's loader workers to
+    close their copies of its sockets): a peer on this host whose process is gone is named
+    within a second — unless it said it finished."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from trainer.watchdog import FINISHED, HEARTBEAT_KEY, Watchdog
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=5))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    watcher = Watchdog(0, 2, 60, 100, None, store=store)
+    record = {**_rec(host=socket.gethostname(), pid=gone.pid), "rank": 1, "seq": 1}
+    store.set(f"{HEARTBEAT_KEY}1", json.dumps(record))
+    watcher.records[1] = record
+    assert watcher.dead_neighbour() == 1
+    store.set(f"{HEARTBEAT_KEY}1", json.dumps({**record, "phase": FINISHED}))
+    assert watcher.dead_neighbour() is None
+    watcher.records[1] = {**record, "pid": os.getpid()}  # alive
+    assert watcher.dead_neighbour() is None
 
 
 def test_nccl_aborts_a_timed_out_collective_after_the_watchdog_named_the_rank():
@@ -303,11 +328,12 @@ def test_killed_rank_is_named_and_the_same_command_resumes_exactly(
     code, seconds = launch.wait(timeout=120)
     print(f"\nkill -9 rank {victim}: job ended after {seconds:.1f} s, exit {code}")
     assert code == 1, launch.stderr()[-3000:]
-    assert seconds < 15, seconds
+    assert seconds < 10, seconds
     died, resume = launch.last_lines(2)
     assert died.startswith(f"zerotune: rank {victim} (host {socket.gethostname()}, pid {pid}) ")
-    assert "was killed by SIGKILL during step " in died, died
-    step = int(died.rsplit("step ", 1)[1])
+    found = re.search(r"was killed by SIGKILL during (step|\w[\w ]+ at step) (\d+)$", died)
+    assert found, died
+    step = int(found[2])
     committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step_????????"))
     newest = int(committed[-1].split("_")[1])
     assert newest <= step < newest + 10 + 1  # checkpoint.every_steps: 10

@@ -322,13 +322,23 @@ class Watchdog(threading.Thread):
             if rec.get("host") != host or rec.get("phase") == FINISHED or not rec.get("pid"):
                 continue
             try:
-                if psutil.Process(rec["pid"]).status() == psutil.STATUS_ZOMBIE:
-                    return r
+                gone = psutil.Process(rec["pid"]).status() == psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
-                return r
+                gone = True
             except psutil.Error:
-                continue
+                gone = False
+            if gone and not self._finished(r):
+                return r
         return None
+
+    def _finished(self, rank: int) -> bool:
+        """Whether ``rank`` said it was done (``stop``) since this thread last read its record:
+        a rank that ended well is not a dead one."""
+        with contextlib.suppress(Exception):
+            rec = json.loads(self.store.get(f"{HEARTBEAT_KEY}{rank}"))
+            self.records[rank] = rec
+            return rec.get("phase") == FINISHED
+        return False
 
     def on_dead(self, rank: int) -> None:
         """End this rank as a collective failing on the dead peer would (exit PEER_LOST)."""
