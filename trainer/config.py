@@ -332,7 +332,12 @@ class LaunchConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="auto: nccl on GPU, gloo on CPU"
     )
-    timeout_minutes: int = Field(30, ge=1, description="Collective timeout")
+    timeout_minutes: int = Field(
+        30,
+        ge=1,
+        description="A rank silent or stuck in a step this long ends the job, named (exit 124); "
+        "the backend's collective timeout is a minute later",
+    )
     preemption_signals: list[str] = Field(
         ["SIGTERM", "SIGUSR1"], description="Signals that trigger save-and-exit"
     )
