@@ -133,7 +133,7 @@ def calibrate(
     comm = comm_bytes(shape, cfg.precision, cfg.zero.stage, world, accum, cfg.engine) / (
         bandwidth_for(hw, world) * 1e9
     )
-    compute = m["step_time_s"] - comm - offload_seconds(shape, cfg, cfg.zero.stage, world)
+    compute = m["step_time_s"] - comm - offload_seconds(shape, cfg, cfg.zero.stage, world, accum)
     if compute <= 0.05 * m["step_time_s"]:
         notes.append(
             f"modelled communication {comm:.3g} s leaves no compute time in the measured step "

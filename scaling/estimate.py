@@ -33,7 +33,8 @@ communication buckets) are within the device's memory.
   all-gathers the weights in forward and backward and reduce-scatters the gradients every
   micro-step ``k·(n-1)/n·P·(2w + g)``;
 * offload: the rank's gradient partition to the host and its weights back over PCIe, and
-  the host's optimizer step at ``HOST_ADAM_BYTES_PER_S``.
+  the host's optimizer step at ``HOST_ADAM_BYTES_PER_S``; parameter offload fetches the
+  rank's partition for forward and backward of every micro-step.
 
 Efficiency (default ``DEFAULT_EFFICIENCY``) and bandwidth (a per-device default, within a
 node or across nodes) are calibrated from a measured run (``--calibrate RUN_DIR``: its step
@@ -227,12 +228,17 @@ def comm_bytes(
     return accum * frac * (2 * p_all * w + p_train * g)
 
 
-def offload_seconds(shape: ModelShape, cfg, stage: int, world: int) -> float:
-    if not (cfg.zero.offload_optimizer and stage > 0):
-        return 0.0
-    part = shape.trainable / world
-    transfer = part * (4 + BYTES[cfg.precision]) / (PCIE_GBPS * 1e9)
-    return transfer + part * 32 / HOST_ADAM_BYTES_PER_S  # read+write master, m, v
+def offload_seconds(shape: ModelShape, cfg, stage: int, world: int, accum: int = 1) -> float:
+    """Host ↔ device traffic and the host's optimizer step; parameter offload fetches the
+    rank's partition for forward and backward of every micro-step."""
+    out = 0.0
+    if cfg.zero.offload_optimizer and stage > 0:
+        part = shape.trainable / world
+        out += part * (4 + BYTES[cfg.precision]) / (PCIE_GBPS * 1e9)
+        out += part * 32 / HOST_ADAM_BYTES_PER_S  # read + write master, m, v and the gradient
+    if cfg.zero.offload_params and stage == 3:
+        out += 2 * accum * shape.parameters / world * BYTES[cfg.precision] / (PCIE_GBPS * 1e9)
+    return out
 
 
 def device_peak(hw: Hardware, world: int) -> float:
@@ -312,7 +318,7 @@ def estimate_point(
         p.compute_s = f_rank / (peak * 1e12 * cal.efficiency)
     p.comm_bytes_per_rank = comm_bytes(shape, cfg.precision, stage, world, accum, cfg.engine)
     p.comm_s = p.comm_bytes_per_rank / (bandwidth_for(hw, world) * 1e9)
-    p.offload_s = offload_seconds(shape, cfg, stage, world)
+    p.offload_s = offload_seconds(shape, cfg, stage, world, accum)
     p.step_time_s = p.compute_s + p.comm_s + p.offload_s
     if p.step_time_s <= 0:
         return p
