@@ -282,13 +282,14 @@ def test_resume_of_a_path_that_does_not_exist(tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 
 
-def _prepare_on_rank(path: str, cache: str):
+def _prepare_on_rank(path: str, cache: str, *sets: str):
     from trainer.config import ConfigError, load_config
     from trainer.data import prepare
     from trainer.distributed import get_rank
 
     cfg = load_config(
-        TINY, [f"data.train={path}", "data.text_column=sentence", f"data.cache_dir={cache}"]
+        TINY,
+        [f"data.train={path}", "data.text_column=sentence", f"data.cache_dir={cache}", *sets],
     )
     try:
         prepare(cfg, is_local_leader=get_rank() == 0)
@@ -307,6 +308,10 @@ def test_a_data_error_found_in_a_rank_reaches_every_rank(tmp_path):
     messages = run_distributed(_prepare_on_rank, 2, path, str(tmp_path / "cache"), timeout=120)
     print(f"rank-side data error agreed by 2 ranks in {time.perf_counter() - t0:.1f} s")
     assert messages[0] == messages[1] and "1 empty or missing text cell at line 202" in messages[0]
+    sets = ["data.max_length=64", "model.builtin={max_position_embeddings: 32}"]
+    good = write(tmp_path, "good.tsv", tsv())
+    messages = run_distributed(_prepare_on_rank, 2, good, str(tmp_path / "cache"), *sets)
+    assert messages[0] == messages[1] and "beyond the 32 positions" in messages[0]
 
 
 @pytest.mark.slow

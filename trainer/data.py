@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import LOADER_KEYS, ConfigError, RunConfig
-from .datacheck import Source, check_cells, check_file
+from .datacheck import Source, check_cells, check_file, max_length_problem
 from .tasks import LabelInfo, build_task
 
 LOCAL_FORMATS = {
@@ -330,6 +330,9 @@ def _build_cache(cfg: RunConfig, path: Path) -> None:
     from .models import build_tokenizer
 
     task = build_task(cfg)
+    problem = max_length_problem(cfg)  # also here: bare torchrun / srun runs no pre-flight
+    if problem:
+        raise ConfigError(problem)
     raw = load_raw_splits(cfg)
     labels = check_splits(cfg, raw, task.model_num_labels(cfg))
     tokenizer = build_tokenizer(cfg, task, lambda: task.vocabulary_texts(raw["train"]))
