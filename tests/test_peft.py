@@ -526,8 +526,11 @@ def _save_local_base(directory: str, seed: int) -> str:
     return directory
 
 
-def _train_loop(run_dir: str, overrides: list[str], config: str = str(TINY)) -> str | int:
+def _train_loop(
+    run_dir: str, overrides: list[str], config: str = str(TINY), resume: str = "auto"
+) -> str | int:
     from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
     from trainer.env import detect_env
     from trainer.loop import Trainer
     from trainer.process import quiet_libraries
@@ -543,9 +546,11 @@ def _train_loop(run_dir: str, overrides: list[str], config: str = str(TINY)) -> 
     ]
     env = detect_env(os.environ)
     try:
-        return int(Trainer(load_config(config, sets), env, CPU, Path(run_dir)).run())
+        return int(Trainer(load_config(config, sets), env, CPU, Path(run_dir), resume).run())
     except CheckpointError as e:
         return f"CheckpointError: {e}"
+    except ConfigError as e:  # the run directory's config check (trainer/rundir.py)
+        return f"ConfigError: {e}"
 
 
 def _logits(model, base: str) -> torch.Tensor:
@@ -629,10 +634,15 @@ def test_resume_refuses_another_base_model_method_or_rank(tmp_path):
     out = run_distributed(_train_loop, 2, str(run), sets)
     assert all("frozen base weights differ" in o for o in out), out
     _save_local_base(base, seed=1)
-    out = run_distributed(_train_loop, 2, str(run), [*sets[:2], "peft.method=adalora"])
+    adalora = [*sets[:2], "peft.method=adalora"]
+    out = run_distributed(_train_loop, 2, str(run), adalora)
+    assert all("peft.method: 'lora' → 'adalora'" in o for o in out), out  # the config check
+    # --resume force passes the config check; the checkpoint's own check still refuses
+    out = run_distributed(_train_loop, 2, str(run), adalora, str(TINY), "force")
     assert all("peft.method='lora'" in o for o in out), out
-    out = run_distributed(_train_loop, 2, str(run), [*sets, "peft.r=4"])
+    out = run_distributed(_train_loop, 2, str(run), [*sets, "peft.r=4"], str(TINY), "force")
     assert all("peft.r=4 but the checkpoint was trained with 8" in o for o in out), out
+    assert "method: lora" in (run / "config.yaml").read_text()  # refused runs leave it be
 
 
 @pytest.mark.parametrize(

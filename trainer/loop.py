@@ -176,6 +176,8 @@ class Trainer:
             ckpt_mod.resolve_resume, self.run_dir, self.resume, cfg.checkpoint.verify, warn=self.log
         )
         load_dir, saved_world = self._resume_source(resume_from)
+        if self.rank == 0:  # the resume is settled (--resume force too): the run's config now
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
         seed_everything(cfg.train.seed)
         model = build_model(cfg, self.task, self.tokenizer, self.task.head_config(data.labels))
@@ -242,8 +244,8 @@ class Trainer:
         self.flag = PreemptionFlag(cfg.launch.preemption_signals)
 
     def _own_run_dir(self) -> None:
-        """Rank 0, before anything is written: the run directory's lock (one owner), a refusal
-        to resume it with a config that changes the run, then its config.yaml."""
+        """Rank 0, before anything is written: the run directory's lock (one owner), and a
+        refusal to resume it with a config that changes the run."""
         locks = lock_for_rank0(self.run_dir, os.environ)
         try:
             global_batch = resolve_batch(self.cfg, self.world).global_batch
@@ -255,7 +257,6 @@ class Trainer:
         self.locks = locks
         for note in filter(None, (lock.takeover_note() for lock in locks)):
             self.log(note)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
 
     def _measure_setup(self) -> None:
         """Throughput accounting with its FLOPs and peak, and the model-state prediction; the

@@ -54,7 +54,8 @@ def add_run_arguments(
         parser.add_argument(
             "--resume",
             default="auto",
-            help="auto (newest valid checkpoint in the run dir), never, or a checkpoint path",
+            help="auto (newest valid checkpoint in the run dir; refused if the config changes the "
+            "run), force (auto despite such a change), never, or a checkpoint path",
         )
 
 
