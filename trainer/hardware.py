@@ -161,9 +161,14 @@ def cache_file() -> Path:
     return Path(root) / "zerotune" / "cpu_peak_tflops.json"
 
 
-def _probe(dtype: str, n: int = 1024, seconds: float = 0.5) -> float:
+PROBE_N = 512  # matrix side: cache-resident per core, so other processes' load disturbs it least
+
+
+def _probe(dtype: str, n: int = PROBE_N, seconds: float = 1.0) -> float:
     """Best TFLOP/s of an ``n × n`` matmul over ``seconds`` (after one warm-up): the
-    achievable dense peak of this process's torch threads on this CPU."""
+    achievable dense peak of this process's torch threads on this CPU. On a loaded 2-core
+    machine 512² gave a steady 0.105-0.109 TFLOP/s per thread where 1024² gave 0.024-0.043
+    (its operands fall out of the cache others share), so the small side is the peak."""
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -181,11 +186,11 @@ def _probe(dtype: str, n: int = 1024, seconds: float = 0.5) -> float:
 
 def measure_cpu_peak_tflops(dtype: str = "fp32") -> float:
     """The probe's figure for this CPU model, thread count and dtype: from the cache file when
-    it has one, otherwise measured now (~0.5 s) and cached. Best of many runs, so other load
+    it has one, otherwise measured now (~1 s) and cached. Best of many runs, so other load
     on the machine lowers it less than it lowers a training step."""
     import torch
 
-    key = f"{cpu_model()}|threads={torch.get_num_threads()}|{dtype}"
+    key = f"{cpu_model()}|threads={torch.get_num_threads()}|{dtype}|matmul{PROBE_N}"
     path = cache_file()
     try:
         cached = json.loads(path.read_text())
