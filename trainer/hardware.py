@@ -168,7 +168,8 @@ def _probe(dtype: str, n: int = PROBE_N, seconds: float = 1.0) -> float:
     """Best TFLOP/s of an ``n × n`` matmul over ``seconds`` (after one warm-up): the
     achievable dense peak of this process's torch threads on this CPU. On a loaded 2-core
     machine 512² gave a steady 0.105-0.109 TFLOP/s per thread where 1024² gave 0.024-0.043
-    (its operands fall out of the cache others share), so the small side is the peak."""
+    (likely its operands leaving a cache the other processes share): the best sustained
+    rate is what a peak should be."""
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
