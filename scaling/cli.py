@@ -87,21 +87,20 @@ def _ints(flag: str, text: str, allowed: set[int] | None = None) -> list[int]:
 
 def cmd_estimate(args) -> int:
     from .calibrate import calibrate, parse_bandwidth
-    from .estimate import Calibration, device_hardware, estimate
+    from .estimate import Calibration, check_device, device_hardware, estimate
     from .shape import shape_for
 
     worlds = _ints("--world-sizes", args.world_sizes)
     stages = _ints("--zero", args.zero, {0, 1, 2, 3})
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         raise ConfigError(f"--efficiency {args.efficiency}: expected a fraction in (0, 1]")
-    cfg = load_config(args.config, args.overrides)
+    if args.gpu:  # a typo is reported before the config and the model are loaded
+        check_device(args.gpu)
     bw, bw_src = parse_bandwidth(args.bandwidth) if args.bandwidth else (None, "")
-    try:
-        hw = device_hardware(
-            args.gpu or cfg.scaling.device_name or "H100", cfg.precision, args.gpus_per_node, bw
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    cfg = load_config(args.config, args.overrides)
+    hw = device_hardware(
+        args.gpu or cfg.scaling.device_name or "H100", cfg.precision, args.gpus_per_node, bw
+    )
     if cfg.scaling.peak_tflops_per_device:  # the config's overrides, as a run uses them
         hw.peak_tflops, hw.peak_source = cfg.scaling.peak_tflops_per_device, "config"
     if cfg.scaling.price_per_device_hour is not None:

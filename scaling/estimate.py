@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trainer import flops, hardware
+from trainer.config import ConfigError
 
 from .shape import ModelShape
 
@@ -135,10 +136,21 @@ class Point:
         return asdict(self)
 
 
+def check_device(gpu: str) -> str:
+    """The table row of ``--gpu`` (or ``cpu``); ValueError names an unknown one and the known."""
+    if hardware.is_cpu(gpu):
+        return "cpu"
+    name = hardware.match_device(gpu)
+    if name is None or name not in DEVICE_MEMORY_GIB:
+        known = ", ".join(["cpu", *DEVICE_MEMORY_GIB])
+        raise ConfigError(f"--gpu {gpu!r}: unknown device; choose one of {known}")
+    return name
+
+
 def device_hardware(
     gpu: str, precision: str, per_node: int | None = None, bandwidth: float | None = None
 ) -> Hardware:
-    """The device's table rows; ValueError names an unknown device and the known ones."""
+    """The device's table rows (ConfigError for an unknown device)."""
     import psutil
 
     cores = 1
@@ -154,10 +166,7 @@ def device_hardware(
         bus = BUS_GBPS["cpu"]
         name = "cpu"
     else:
-        name = hardware.match_device(gpu)
-        if name is None or name not in DEVICE_MEMORY_GIB:
-            known = ", ".join(["cpu", *DEVICE_MEMORY_GIB])
-            raise ValueError(f"--gpu {gpu!r}: unknown device; choose one of {known}")
+        name = check_device(gpu)
         peak, peak_src = hardware.peak_tflops(name, precision)
         price, price_src = hardware.price_per_device_hour(name)
         mem = DEVICE_MEMORY_GIB[name] * GIB
