@@ -43,7 +43,7 @@ FIGURES = {  # key: (label, unit, format)
     "interval_s": ("step-end interval", "s", "{:.3f}"),
     "first_step_s": ("launch → first step", "s", "{:.1f}"),
     "total_s": ("total wall-clock", "s", "{:.1f}"),
-    "peak_rss_gb": ("peak host memory / rank", "GB", "{:.2f}"),
+    "peak_rss_gb": ("peak host memory, max rank", "GB", "{:.2f}"),
     "tokens_per_s": ("non-padding tokens/s", "", "{:.0f}"),
 }
 
@@ -232,10 +232,10 @@ def report(a, names: list[str], per: dict[str, list[dict]], gaps: dict[str, floa
     lines = [
         f"{a.repeats} repeat(s) × {a.steps} steps, ZeRO {a.zero}, {a.nproc} rank(s), {a.precision}, "
         f"model {a.model}; median [min – max] over repeats, first {a.warmup} steps excluded",
-        f"{'':26}" + "".join(f"{n:>26}" for n in names),
+        f"{'':32}" + "".join(f"{n:>26}" for n in names),
     ]
     for key, (label, unit, fmt) in FIGURES.items():
-        row = f"{label + (f' ({unit})' if unit else ''):26}"
+        row = f"{label + (f' ({unit})' if unit else ''):32}"
         floor = statistics.median(f[key] for f in per["floor"]) if "floor" in per else None
         for n in names:
             vals = [f[key] for f in per[n]]
@@ -245,6 +245,10 @@ def report(a, names: list[str], per: dict[str, list[dict]], gaps: dict[str, floa
                 cell += f" {med / floor:.2f}×"
             row += f"{cell:>26}"
         lines.append(row)
+    for n in names:
+        ranks = zip(*(f["peak_rss_gb_per_rank"] for f in per[n]))
+        shown = " / ".join(f"{statistics.median(r):.2f}" for r in ranks)
+        lines.append(f"peak host memory per rank (GB, rank 0 / 1 / ...): {n} {shown}")
     for n, gap in gaps.items():
         lines.append(f"max |Δloss| vs the floor over every step and rank: {n} {gap:.2e}")
     return "\n".join(lines)
