@@ -63,6 +63,43 @@ def test_find_stuck_gives_long_phases_their_allowance_but_not_a_stopped_process(
     assert find_stuck({0: _rec("finished", age=500.0)}, {0: 500.0}, 60, 3600) is None
 
 
+def test_a_rank_waiting_in_a_collective_is_not_named_while_another_is_outside_one():
+    """An I/O deadlock in rank 1 after step 15: both ranks last moved at the start of step 15,
+    rank 0 a little earlier, but rank 0 waits in a collective and rank 1 does not."""
+    from trainer.watchdog import find_stuck
+
+    waiting = {**_rec(step=15, age=60.5), "waiting": True}
+    outside = {**_rec(step=15, age=59.9, pid=11), "waiting": False}
+    assert find_stuck({0: waiting, 1: outside}, {}, 60, 3600) is None
+    outside["progress_age"] = 60.1
+    assert find_stuck({0: waiting, 1: outside}, {}, 60, 3600).pid == 11
+    # all in collectives (mismatched ones): the oldest
+    both = {0: waiting, 1: {**outside, "waiting": True}}
+    assert find_stuck(both, {}, 60, 3600).rank == 0
+
+
+def test_in_collective_reads_a_thread_blocked_in_torch_distributed():
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+    from torch.distributed.elastic.utils.store import barrier
+
+    from trainer.watchdog import in_collective
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=3))
+
+    def wait_for_a_second_member():
+        with contextlib.suppress(dist.DistStoreError):  # none comes: it times out
+            barrier(store, 2, "t", barrier_timeout=3)
+
+    waiter = threading.Thread(target=wait_for_a_second_member, daemon=True)
+    waiter.start()
+    time.sleep(0.5)
+    assert in_collective(waiter.ident) and not in_collective()
+    waiter.join()
+
+
 def test_watchdog_thread_over_a_real_store_names_the_rank_that_went_quiet():
     """Two watchdogs share a real TCPStore; 'rank 1' publishes twice and then goes quiet (as
     a stopped process): rank 0's thread names it, with its host, pid and phase, after the
@@ -221,7 +258,7 @@ def test_second_ctrl_c_kills_a_child_that_ignores_the_first():
 class Launch:
     """``zerotune train`` in its own session (as a terminal's foreground job), with its ranks."""
 
-    def __init__(self, run_dir: Path, cache: Path, *overrides: str):
+    def __init__(self, run_dir: Path, cache: Path, *overrides: str, **env: str):
         self.run_dir = run_dir
         args = [sys.executable, "-m", "launcher", "train", str(TINY), "--run-dir", str(run_dir)]
         self.args = args + [x for o in overrides for x in ("--set", o)]
@@ -229,7 +266,7 @@ class Launch:
         self.proc = subprocess.Popen(
             self.args,
             cwd=ROOT,
-            env=base_env(cache),
+            env=base_env(cache, **env),
             stdout=subprocess.DEVNULL,
             stderr=self.err,
             start_new_session=True,
@@ -307,6 +344,33 @@ def test_stopped_rank_ends_the_job_within_the_timeout_naming_rank_host_and_phase
     assert "no heartbeat for" in last and "launch.timeout_minutes: 1" in last
     assert "last committed checkpoint: " in last and "run the same command to resume" in last
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "Traceback" not in launch.stderr()
+
+
+@pytest.mark.slow
+def test_rank_hung_in_a_step_while_alive_is_named_within_the_timeout(tmp_path, cache_dir, launches):
+    """Rank 1's main thread blocks for good after step 15 (``ZEROTUNE_FAULT=hang@15:1``, as an
+    I/O deadlock would; its process and heartbeat thread live on) while rank 0 waits in step
+    16's collective: the job exits 124 within the minute plus a margin, naming rank 1, not
+    the rank that waits for it."""
+    launch = Launch(
+        tmp_path / "run",
+        cache_dir,
+        "train.max_steps=100000",
+        "launch.timeout_minutes=1",
+        ZEROTUNE_FAULT="hang@15:1",
+    )
+    launches.append(launch)
+    launch.wait_for_step(14)  # step 15's own log record needs rank 1: it never comes
+    code, seconds = launch.wait(timeout=240)
+    print(
+        f"\nrank 1 hung after step 15: job ended {seconds:.1f} s after step 14's log, exit {code}"
+    )
+    last = launch.last_lines(1)[0]
+    assert code == 124, launch.stderr()[-3000:]
+    assert seconds < 60 + 25, seconds
+    assert f"rank 1 on host {socket.gethostname()} (pid " in last, last
+    assert "is stuck in step 15: no progress for 6" in last and "still running" in last, last
     assert "Traceback" not in launch.stderr()
 
 

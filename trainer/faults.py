@@ -4,6 +4,9 @@ Points: ``step`` (die right after optimizer step N), ``save`` (die in the middle
 checkpoint N, before its commit), ``commit`` (die after the manifest, before the rename).
 The process exits with code 66 via ``os._exit`` — no cleanup runs, as in a real crash.
 
+``hang`` blocks the main thread for good right after optimizer step N, as an I/O deadlock
+would; the process stays alive (its heartbeat thread too), so only the watchdog can end it.
+
 Points that do not exit: ``enospc`` (a write of checkpoint N fails as on a full disk: a
 partial file, then ``OSError(ENOSPC)``) and ``nan`` (step N's loss is NaN on that rank).
 Unset in normal use; it costs one dictionary lookup per call.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 from pathlib import Path
 
 FAULT_ENV = "ZEROTUNE_FAULT"
@@ -32,6 +36,9 @@ def maybe_fail(point: str, step: int) -> None:
         return
     want_point, want_step, want_rank = _parse(spec)
     rank = int(os.environ.get("RANK", "0"))
+    if point == "step" and _matches("hang", step):
+        print(f"[zerotune] injected fault {spec!r} on rank {rank}", file=sys.stderr, flush=True)
+        threading.Event().wait()
     if want_point == point and want_step == step and (want_rank is None or want_rank == rank):
         print(f"[zerotune] injected fault {spec!r} on rank {rank}", file=sys.stderr, flush=True)
         os._exit(FAULT_EXIT_CODE)

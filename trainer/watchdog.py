@@ -72,7 +72,22 @@ class Heartbeat:
             "step": self.step,
             "seq": seq,
             "progress_age": time.monotonic() - self.since,
+            "waiting": in_collective(),
         }
+
+
+def in_collective(thread_id: int | None = None) -> bool:
+    """Whether the main thread is blocked inside a torch.distributed call (read from its
+    innermost Python frames, at publishing time only): a rank that waits there is usually
+    not the cause of a hang but waits for it."""
+    frame = sys._current_frames().get(thread_id or threading.main_thread().ident)
+    for _ in range(4):
+        if frame is None:
+            return False
+        if "torch/distributed/" in frame.f_code.co_filename.replace(os.sep, "/"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 HEARTBEAT = Heartbeat()
@@ -125,14 +140,14 @@ def find_stuck(
     ``timeout_s`` is stopped or frozen; one that still publishes but has not left its phase
     for the phase's allowance is stuck inside it — unless some rank has been silent for
     ``quiet_grace`` (a few publishing intervals): then the running ones are waiting for that
-    one in a collective, and it is named when its silence reaches the timeout. Among
-    several, the one that moved last longest ago is named.
+    one in a collective, and it is named when its silence reaches the timeout. Likewise a
+    rank blocked in a collective (``waiting``) is not named while another is outside one.
+    Among several, the one that moved last longest ago is named.
     """
-    someone_quiet = any(
-        q >= quiet_grace
-        for r, q in unchanged_for.items()
-        if records.get(r, {}).get("phase") != FINISHED
-    )
+    live = {r: rec for r, rec in records.items() if rec.get("phase") != FINISHED}
+    someone_quiet = any(q >= quiet_grace for r, q in unchanged_for.items() if r in live)
+    # ranks blocked in a collective wait for one that is not: only that one can be the cause
+    someone_outside = any(not rec.get("waiting") for rec in live.values())
     found: list[tuple[float, Stuck]] = []
     for rank, rec in records.items():
         if rec.get("phase") == FINISHED:
@@ -142,7 +157,12 @@ def find_stuck(
         allowance = long_s if rec["phase"] in LONG_PHASES else timeout_s
         if quiet >= timeout_s:
             why = f"no heartbeat for {quiet:.0f} s (the process is stopped or frozen)"
-        elif stalled >= allowance and quiet < quiet_grace and not someone_quiet:
+        elif (
+            stalled >= allowance
+            and quiet < quiet_grace
+            and not someone_quiet
+            and not (rec.get("waiting") and someone_outside)
+        ):
             why = f"no progress for {_duration(stalled)}, still running"
         else:
             continue
