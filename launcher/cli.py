@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) if hasattr(args, "func") else COMMANDS[args.command](args)
     except ConfigError as e:
         return report_config_error(e)
+    except KeyboardInterrupt:  # Ctrl-C before ranks exist (pre-flight): one line, no traceback
+        print("zerotune: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
 
 
 def cmd_validate(args) -> int:

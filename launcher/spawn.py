@@ -103,7 +103,9 @@ class Interrupts:
                 child.send_signal(sig)
 
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self)
+        """Handle Ctrl-C, unless it is ignored (``nohup``, a shell's background job)."""
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self)
 
 
 INTERRUPTS = Interrupts()

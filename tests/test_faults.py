@@ -270,6 +270,8 @@ class Launch:
             stdout=subprocess.DEVNULL,
             stderr=self.err,
             start_new_session=True,
+            # as from a terminal: a test runner started in the background ignores SIGINT
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
     def rank_pid(self, rank: int) -> int:

@@ -1,4 +1,12 @@
-from trainer.main import main
-from trainer.process import exit_process
+import os
+import signal
+
+# Ctrl-C while the rank imports and reads its config: nothing is written yet, so end at once
+# (trainer.main installs the real handler first thing; an inherited "ignore" is kept)
+if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+
+from trainer.main import main  # noqa: E402
+from trainer.process import exit_process  # noqa: E402
 
 exit_process(main())

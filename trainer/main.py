@@ -30,16 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .preemption import install_interrupt_handler
+
+    install_interrupt_handler()  # first: a Ctrl-C during imports or set-up is no traceback either
     args = build_parser().parse_args(argv)
     from .env import detect_env
 
     try:
         cfg = load_config(args.config, args.overrides)
         env = detect_env(os.environ)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+        return run_rank(cfg, env, run_dir, args.resume)
     except (ConfigError, ValueError) as e:
         return report_config_error(e)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-    return run_rank(cfg, env, run_dir, args.resume)
+    except KeyboardInterrupt:  # before run_rank handles it (config, imports, rendezvous)
+        return ExitCode.INTERRUPTED
 
 
 def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
