@@ -86,7 +86,7 @@ def _ints(flag: str, text: str, allowed: set[int] | None = None) -> list[int]:
 
 
 def cmd_estimate(args) -> int:
-    from .calibrate import calibrate, parse_bandwidth
+    from .calibrate import calibrate, measured, parse_bandwidth
     from .estimate import Calibration, check_device, device_hardware, estimate
     from .shape import shape_for
 
@@ -97,6 +97,10 @@ def cmd_estimate(args) -> int:
     if args.gpu:  # a typo is reported before the config and the model are loaded
         check_device(args.gpu)
     bw, bw_src = parse_bandwidth(args.bandwidth) if args.bandwidth else (None, "")
+    if args.calibrate:
+        measured(
+            Path(args.calibrate), args.timing
+        )  # not a finished run: said before the model loads
     cfg = load_config(args.config, args.overrides)
     hw = device_hardware(
         args.gpu or cfg.scaling.device_name or "H100", cfg.precision, args.gpus_per_node, bw
