@@ -205,11 +205,12 @@ def _train(run_dir: str, cache: str, overrides: list[str]) -> int:
     return int(Trainer(cfg, env, CPU, Path(run_dir), "never").run())
 
 
-VARIANTS = {  # name: (ranks, micro batch) at global batch 64
-    "1rank-accum4": (1, 16),
-    "1rank-accum1": (1, 64),
-    "2ranks-accum2": (2, 16),
-    "2ranks-accum1": (2, 32),
+VARIANTS = {  # name: (ranks, micro batch, ZeRO stage) at global batch 64
+    "1rank-accum4": (1, 16, 2),
+    "1rank-accum1": (1, 64, 2),
+    "2ranks-accum2": (2, 16, 2),
+    "2ranks-accum1": (2, 32, 2),
+    "2ranks-zero3": (2, 16, 3),  # built partitioned (zero.Init): the prediction still holds
 }
 
 
@@ -217,9 +218,9 @@ VARIANTS = {  # name: (ranks, micro batch) at global batch 64
 def runs(tmp_path_factory, imported_once) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("throughput")
     out = {}
-    for name, (ranks, micro) in VARIANTS.items():
+    for name, (ranks, micro, stage) in VARIANTS.items():
         d = root / name
-        sets = [f"train.micro_batch_size={micro}"]
+        sets = [f"train.micro_batch_size={micro}", f"zero.stage={stage}"]
         if name == "2ranks-accum2":
             sets.append("logging.tensorboard=true")  # read back below
         else:
