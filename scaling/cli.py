@@ -213,8 +213,8 @@ def cmd_sweep(args) -> int:
 
     path = Path(args.sweep_file)
     sweep = load_sweep(path)
-    validate(sweep, args.check, args.slurm)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{path.stem}"
+    validate(sweep, args.check, args.slurm, out)
     try:
         return run_sweep(sweep, out, args.slurm, args.dry_run)
     except KeyboardInterrupt:

@@ -177,8 +177,11 @@ def _point(values: dict[str, Any], common: dict[str, Any]) -> Point:
 Check = Callable[..., Any]  # launcher.preflight.check (passed in: scaling does not import launcher)
 
 
-def validate(sweep: Sweep, check: Check, slurm: bool) -> None:
+def validate(sweep: Sweep, check: Check, slurm: bool, out: Path | None = None) -> None:
     """Resolve and pre-flight check every point; the first bad one raises, named.
+
+    With ``out``, each point's run directory is checked as ``zerotune train`` would check it
+    (writable; an existing run there resumable with this point's config).
 
     Data files are read once per distinct ``data`` section (loading SST-2 per point would
     cost more than the check is worth); the rest is checked for every point.
@@ -203,6 +206,7 @@ def validate(sweep: Sweep, check: Check, slurm: bool) -> None:
                 p.nodes,
                 check_data=data_key not in seen_data,
                 **({"job_gpus": sweep.slurm.get("gpus_per_node") or 0} if slurm else {}),
+                **({"run_dir": out / p.name, "resume": "auto"} if out is not None else {}),
             )
         except ConfigError as e:
             raise ConfigError(f"{label}: {e}") from None
