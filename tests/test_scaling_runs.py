@@ -185,3 +185,43 @@ def test_estimate_calibrated_on_one_world_size_predicts_the_other(sweep, cache_d
             if timing == "fastest":
                 assert -0.5 < err < 1.0, "\n".join(lines)
     print("\n" + "\n".join(lines))
+
+
+def test_failed_and_timed_out_points_are_recorded_and_retried(tmp_path, cache_dir):
+    """A point whose rank crashes (injected: ZEROTUNE_FAULT=step@3) is 'failed' with the
+    launcher's reason, the sweep exits 1 and a re-run retries it to 'done'; a point past the
+    sweep's timeout_s is stopped (its whole session) and 'timeout'."""
+    spec = dict(SWEEP, grid={"launch.nproc_per_node": [1]})
+    spec["set"] = dict(SWEEP["set"], **{"train.max_steps": 6})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    crashed = zerotune(
+        ["sweep", str(path), "--out", str(out)],
+        cache_dir,
+        timeout=600,
+        ZEROTUNE_FAULT="step@3",
+        **ONE_THREAD,
+    )
+    assert crashed.returncode == 1, crashed.stdout + crashed.stderr
+    status = json.loads((out / "nproc1" / "sweep_status.json").read_text())
+    assert status["status"] == "failed" and status["reason"].startswith("exit 1"), status
+    assert re.search(r"^sweep \[1/1\] nproc1: failed in [0-9.]+ s: exit 1", crashed.stdout, re.M)
+    assert read_results_csv(out / "results.csv")[0]["status"] == "failed"
+    print(f"\ncrashed point: failed after {status['wall_s']:.1f} s: {status['reason']}")
+    retried = zerotune(
+        ["sweep", str(path), "--out", str(out)], cache_dir, timeout=600, **ONE_THREAD
+    )
+    check_ok(retried)
+    status = json.loads((out / "nproc1" / "sweep_status.json").read_text())
+    assert status["status"] == "done" and status["attempts"] == 2
+
+    spec["timeout_s"] = 3
+    path.write_text(yaml.safe_dump(spec))
+    slow = tmp_path / "slow"
+    proc = zerotune(["sweep", str(path), "--out", str(slow)], cache_dir, timeout=600, **ONE_THREAD)
+    assert proc.returncode == 1
+    status = json.loads((slow / "nproc1" / "sweep_status.json").read_text())
+    assert status["status"] == "timeout" and "timeout_s" in status["reason"]
+    assert status["wall_s"] < 3 + 45  # SIGTERM to the point's session, SIGKILL 30 s later at most
+    print(f"timed-out point: stopped after {status['wall_s']:.1f} s")
