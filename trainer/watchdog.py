@@ -308,6 +308,7 @@ class Watchdog(threading.Thread):
         self.last: dict[int, tuple[int, float]] = {r: (-1, start) for r in range(world_size)}
         self.records: dict[int, dict[str, Any]] = {}
         self.store_ok_at = start
+        self.calls = BoundedCalls(max(2.0, self.interval))
 
     def run(self) -> None:
         if self.store is None:
@@ -355,7 +356,7 @@ class Watchdog(threading.Thread):
         """Whether ``rank`` said it was done (``stop``) since this thread last read its record:
         a rank that ended well is not a dead one."""
         with contextlib.suppress(Exception):
-            rec = json.loads(self.store.get(f"{HEARTBEAT_KEY}{rank}"))
+            rec = json.loads(self.calls.run(lambda: self.store.get(f"{HEARTBEAT_KEY}{rank}")))
             self.records[rank] = rec
             return rec.get("phase") == FINISHED
         return False
@@ -371,9 +372,10 @@ class Watchdog(threading.Thread):
         """This rank is done: say so (peers must not take its silence for a hang), then stop."""
         self.halt.set()
         HEARTBEAT.beat(FINISHED)
+        own = json.dumps(self._own())
         with contextlib.suppress(Exception):
             if self.store:
-                self.store.set(f"{HEARTBEAT_KEY}{self.rank}", json.dumps(self._own()))
+                BoundedCalls(2.0).run(lambda: self.store.set(f"{HEARTBEAT_KEY}{self.rank}", own))
 
     def _own(self) -> dict[str, Any]:
         self.seq += 1
@@ -382,31 +384,34 @@ class Watchdog(threading.Thread):
     def publish(self) -> dict[str, Any]:
         own = self._own()
         write_status(own)
-        self.store.set(f"{HEARTBEAT_KEY}{self.rank}", json.dumps(own))
+        self.calls.run(lambda: self.store.set(f"{HEARTBEAT_KEY}{self.rank}", json.dumps(own)))
         return own
+
+    def _exchange(self, own: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Publish this rank's record and read the others' (those published so far)."""
+        self.store.set(f"{HEARTBEAT_KEY}{self.rank}", json.dumps(own))
+        out = {}
+        for r in range(self.world):
+            key = f"{HEARTBEAT_KEY}{r}"
+            if r != self.rank and self.store.check([key]):
+                out[r] = json.loads(self.store.get(key))
+        return out
 
     def tick(self) -> Stuck | None:
         now = time.monotonic()
+        own = self._own()
+        write_status(own)
         try:
-            own = self.publish()
-            for r in range(self.world):
-                key = f"{HEARTBEAT_KEY}{r}"
-                if r != self.rank and self.store.check([key]):
-                    rec = json.loads(self.store.get(key))
-                    if rec["seq"] != self.last[r][0]:
-                        self.last[r] = (rec["seq"], now)
-                    self.records[r] = rec
+            for r, rec in self.calls.run(lambda: self._exchange(own)).items():
+                if rec["seq"] != self.last[r][0]:
+                    self.last[r] = (rec["seq"], now)
+                self.records[r] = rec
             self.store_ok_at = now
         except Exception as e:  # the store's host (the agent, or rank 0) is stopped or gone
             silent = now - self.store_ok_at
             if silent < self.timeout_s:
                 return None
-            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-            why = (
-                f"the rendezvous store at {where} (in the launcher, or in rank 0 under srun / "
-                f"mpirun) has not answered for {silent:.0f} s: its process is stopped or gone ({e})"
-            )
-            return Stuck(-1, "?", 0, "?", 0, why)
+            return self._store_silent(silent, e)
         records = {**self.records, self.rank: own}
         for r in range(self.world):  # a rank never heard from is as stale as its silence
             records.setdefault(
@@ -415,13 +420,24 @@ class Watchdog(threading.Thread):
         quiet = {r: now - seen for r, (_, seen) in self.last.items() if r != self.rank}
         return find_stuck(records, quiet, self.timeout_s, self.long_s, 3 * self.interval)
 
+    def _store_silent(self, silent: float, error: Exception) -> Stuck:
+        """The store has not answered for the timeout. Without torchrun's agent it lives in
+        rank 0: that rank is the stuck one (named from its last record); else the agent is."""
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        why = f"the rendezvous store at {where} has not answered for {silent:.0f} s"
+        rec = self.records.get(0)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rec is not None:
+            why += " (it runs in this rank: the process is stopped or frozen)"
+            return Stuck(0, rec["host"], rec["pid"], rec["phase"], rec["step"], why)
+        return Stuck(-1, "?", 0, "?", 0, f"{why}: its process is stopped or gone ({error})")
+
     def _end_job(self, stuck: Stuck) -> None:
         """Name the rank once for the job, stop a stuck rank on this host, exit STUCK."""
         from .process import ExitCode
 
         first = True
         with contextlib.suppress(Exception):
-            first = self.store.add(REPORTED_KEY, 1) == 1
+            first = BoundedCalls(2.0).run(lambda: self.store.add(REPORTED_KEY, 1)) == 1
         message = f"{stuck.message(self.timeout_s)}; stopping the job — {resume_hint(self.run_dir)}"
         if os.environ.get(STATUS_DIR_ENV):
             write_status({**HEARTBEAT.record(self.rank, -1), "stuck": message})
@@ -432,6 +448,36 @@ class Watchdog(threading.Thread):
                 os.kill(stuck.pid, signal.SIGKILL)  # stopped: SIGTERM would wait for SIGCONT
         sys.stderr.flush()
         os._exit(ExitCode.STUCK)
+
+
+class BoundedCalls:
+    """Store calls that give up after ``seconds``: a store whose process is stopped never
+    answers, and the client's own timeout does not bound every call. One call at a time: while
+    an earlier one still hangs, the next fails at once."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.busy: threading.Thread | None = None
+
+    def run(self, fn):
+        if self.busy is not None and self.busy.is_alive():
+            raise TimeoutError("an earlier call to the store has not returned")
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:
+                box["error"] = e
+
+        self.busy = threading.Thread(target=call, name="zerotune-watchdog-store", daemon=True)
+        self.busy.start()
+        self.busy.join(self.seconds)
+        if self.busy.is_alive():
+            raise TimeoutError(f"the store did not answer within {self.seconds:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
 
 def _store_client(interval: float) -> Any:
