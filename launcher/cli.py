@@ -137,7 +137,7 @@ def cmd_train(args) -> int:
     pf.print_notes()
     lock = own_run_dir(run_dir, pf, args.resume)
     try:
-        return spawn(
+        code = spawn(
             args.config,
             args.overrides,
             pf.nproc_per_node,
@@ -147,6 +147,11 @@ def cmd_train(args) -> int:
         )
     finally:
         lock.release()
+    # the ranks are gone and the last line is out: the interpreter's teardown of the agent
+    # (its store's C++ threads) would add seconds before the exit code reaches the shell
+    from trainer.process import exit_process
+
+    exit_process(code)
 
 
 def own_run_dir(run_dir: Path, pf, resume: str):

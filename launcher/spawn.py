@@ -22,9 +22,8 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
 
-from trainer.process import ExitCode, exit_process
+from trainer.process import ExitCode
 from trainer.watchdog import STATUS_DIR_ENV, describe_phase, read_status, resume_hint
 
 
@@ -216,14 +215,11 @@ def spawn(
     run_dir: Path,
     resume: str,
     preemption_signals: list[str] = ("SIGTERM", "SIGUSR1"),
-) -> NoReturn:
+) -> ExitCode:
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_rank(nproc)))
     forward_preemption_signals(preemption_signals)
     if "SIGINT" not in preemption_signals:  # else Ctrl-C saves, as the config asks
         INTERRUPTS.install()
-    code = run_torchrun(
+    return run_torchrun(
         torchrun_args(nproc, "trainer", trainer_args(config, overrides, run_dir, resume)), run_dir
     )
-    # the ranks are gone and the last line is out: the interpreter's teardown of the agent
-    # (its store's C++ threads) would add seconds before the exit code reaches the shell
-    exit_process(code)
