@@ -195,7 +195,9 @@ class TrainConfig(_Section):
         "rank and count it (stop after max_nonfinite_in_a_row in a row), or abort: stop at once, exit 1",
     )
     max_nonfinite_in_a_row: int = Field(
-        5, ge=1, description="on_nonfinite=skip: stop (exit 1) after this many skipped steps in a row"
+        5,
+        ge=1,
+        description="on_nonfinite=skip: stop (exit 1) after this many skipped steps in a row",
     )
 
 
