@@ -136,6 +136,11 @@ class DataConfig(_Section):
     pin_memory: bool | Literal["auto"] = Field(
         "auto", description="Pinned host memory for faster copies to the GPU; auto: on GPU only"
     )
+    group_by_length: bool = Field(
+        False,
+        description="Split each step's samples (the same samples either way) into micro-batches of similar length, "
+        "so each pads less; deterministic on every rank and world size, resumes exactly",
+    )
     packing: bool = Field(
         False,
         description="causal_lm: train on each micro-batch's sequences packed into one row, no padding "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,7 +245,7 @@ def cache_key(cfg: RunConfig, tokenizer_id: str) -> str:
         "train": _source_fingerprint(d.train),
         "validation": _source_fingerprint(d.validation),
         "test": _source_fingerprint(d.test),
-        "data": d.model_dump(mode="json", exclude={"cache_dir", *LOADER_KEYS}),
+        "data": d.model_dump(mode="json", exclude={"cache_dir", "group_by_length", *LOADER_KEYS}),
         "tokenizer": tokenizer_id,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
@@ -366,7 +366,13 @@ class GlobalBatchPlan:
     batches). The last partial global batch of an epoch is dropped.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int):
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+    ):
         if num_samples < global_batch:
             raise ConfigError(
                 f"train.global_batch_size={global_batch} is larger than the training set ({num_samples} rows): "
@@ -376,6 +382,7 @@ class GlobalBatchPlan:
         self.global_batch = global_batch
         self.seed = seed
         self.steps_per_epoch = num_samples // global_batch
+        self.lengths = lengths  # data.group_by_length: token count of every sample
         self._perm_epoch: int | None = None
         self._perm: list[int] = []
 
@@ -397,9 +404,46 @@ class GlobalBatchPlan:
     def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[list[int]]:
         idx = self.step_indices(step)
         accum = self.global_batch // (micro * world)
+        if self.lengths is not None:
+            return group_by_length(idx, self.lengths, step, rank, world, micro, accum)
         return [
             idx[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)
         ]
+
+
+def group_by_length(
+    idx: list[int],
+    lengths: Sequence[int],
+    step: int,
+    rank: int,
+    world: int,
+    micro: int,
+    accum: int,
+) -> list[list[int]]:
+    """``rank``'s micro-batches of one step's samples ``idx``, grouped by length.
+
+    The step's samples stay those of the plan (exact resume, any world size); only their
+    split changes: sorted longest first (ties by index, so every rank computes the same
+    order), cut into ``accum × world`` contiguous chunks, so a micro-batch pads to a length
+    close to its shortest sample. Micro-step ``m`` gives its ``world`` neighbouring chunks to
+    the ranks, which therefore run forward and backward of similar lengths in lock step; who
+    gets which rotates with ``m + step``, so over steps every rank carries as many tokens.
+    """
+    order = sorted(idx, key=lambda i: (-lengths[i], i))
+    out = []
+    for m in range(accum):
+        c = m * world + (rank + m + step) % world
+        out.append(order[c * micro : (c + 1) * micro])
+    return out
+
+
+def sample_lengths(dataset) -> list[int]:
+    """Token count of every row of a tokenised split (read from its Arrow column, honouring
+    a selection), for ``data.group_by_length``."""
+    import pyarrow.compute as pc
+
+    column = dataset.with_format("arrow")[:]["input_ids"]
+    return pc.list_value_length(column).to_pylist()
 
 
 def eval_shards(

@@ -35,6 +35,7 @@ from .data import (
     count_tokens,
     loader_options,
     prepare,
+    sample_lengths,
     train_loader,
 )
 from .distributed import all_gather_object, all_reduce_sum, any_rank, barrier, run_on_rank0
@@ -163,8 +164,9 @@ class Trainer:
         data = prepare(cfg, self.env.local_rank == 0, lambda: barrier(long=True))
         self.tokenizer = data.tokenizer
         self.plan = resolve_batch(cfg, self.world)
+        lengths = sample_lengths(data.splits["train"]) if cfg.data.group_by_length else None
         self.sampler = GlobalBatchPlan(
-            len(data.splits["train"]), self.plan.global_batch, cfg.train.seed
+            len(data.splits["train"]), self.plan.global_batch, cfg.train.seed, lengths
         )
         self.total = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.sampler.steps_per_epoch)
