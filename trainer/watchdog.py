@@ -390,12 +390,13 @@ class Watchdog(threading.Thread):
     def _exchange(self, own: dict[str, Any]) -> dict[int, dict[str, Any]]:
         """Publish this rank's record and read the others' (those published so far)."""
         self.store.set(f"{HEARTBEAT_KEY}{self.rank}", json.dumps(own))
-        out = {}
-        for r in range(self.world):
-            key = f"{HEARTBEAT_KEY}{r}"
-            if r != self.rank and self.store.check([key]):
-                out[r] = json.loads(self.store.get(key))
-        return out
+        others = [r for r in range(self.world) if r != self.rank]
+        keys = [f"{HEARTBEAT_KEY}{r}" for r in others]
+        if self.store.check(keys):  # all published: one round trip
+            return {r: json.loads(v) for r, v in zip(others, self.store.multi_get(keys))}
+        return {
+            r: json.loads(self.store.get(k)) for r, k in zip(others, keys) if self.store.check([k])
+        }
 
     def tick(self) -> Stuck | None:
         now = time.monotonic()
@@ -418,7 +419,17 @@ class Watchdog(threading.Thread):
                 r, {"host": "?", "pid": 0, "phase": "set-up", "step": 0, "progress_age": 0.0}
             )
         quiet = {r: now - seen for r, (_, seen) in self.last.items() if r != self.rank}
-        return find_stuck(records, quiet, self.timeout_s, self.long_s, 3 * self.interval)
+        stuck = find_stuck(records, quiet, self.timeout_s, self.long_s, 3 * self.interval)
+        if stuck is not None and stuck.rank != self.rank:
+            self._latest_phase(stuck)
+        return stuck
+
+    def _latest_phase(self, stuck: Stuck) -> None:
+        """The phase the stuck rank published last (within a second of entering it); this
+        thread reads the others only every interval."""
+        with contextlib.suppress(Exception):
+            rec = json.loads(self.calls.run(lambda: self.store.get(f"{HEARTBEAT_KEY}{stuck.rank}")))
+            stuck.phase, stuck.step = rec["phase"], rec["step"]
 
     def _store_silent(self, silent: float, error: Exception) -> Stuck:
         """The store has not answered for the timeout. Without torchrun's agent it lives in
