@@ -6,6 +6,7 @@ GPU for ``build_optimizer`` (it reads the plan only; no step is taken).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -60,7 +61,7 @@ OFFLOAD_PARAMS = ("zero.stage=3", "zero.offload_params=true")
     "sets, on_gpu, build, ds, fused, problem, note",
     [
         # the default path: nothing is ever compiled
-        ((), False, PIP_GPU, False, False, None, None),
+        ((), False, PIP_GPU, False, True, None, None),  # torch's fused AdamW on CPU tensors too
         ((), True, PIP_GPU, False, True, None, None),
         ((), True, PREBUILT_GPU, False, True, None, None),  # one behaviour on every install
         (("train.optimizer_impl=torch",), True, PIP_GPU, False, True, None, None),
@@ -208,7 +209,7 @@ def test_user_json_optimizer_gets_the_same_check(tmp_path):
 @pytest.mark.parametrize(
     "sets, on_gpu, fused",
     [
-        ((), False, False),  # CPU: the same AdamW as before
+        ((), False, True),  # CPU: torch's fused CPU kernel (stepped below)
         ((), True, True),
         (OFFLOAD, True, False),  # its shards live on the CPU
         (OFFLOAD_PARAMS, True, True),  # the fp32 partitions stay on the GPU
@@ -265,3 +266,22 @@ def test_nvcc_and_cuda_home_rules():
     assert find_cuda_home({}, which=lambda _: None, exists=lambda _: False) is None
     assert build_requirements("fused_adam", True, TOOLKIT_GPU) == []
     assert build_requirements("cpu_adam", True, NO_CXX) == ["a C++ compiler (c++ / g++, or $CXX)"]
+
+
+def test_fused_cpu_adamw_steps_cpu_tensors_like_foreach():
+    """The CPU default, torch's fused AdamW, really steps CPU tensors (torch raises for a
+    device its fused kernel lacks) and lands where foreach AdamW does, within rounding."""
+    weights = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        plan = optimizer_plan(cfg(), False, PIP_GPU)
+        assert plan.fused
+        opt = build_optimizer(cfg(), model, dataclasses.replace(plan, fused=fused))
+        assert bool(opt.defaults.get("fused")) is fused
+        for _ in range(3):
+            model(torch.randn(4, 8)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(weights[True], weights[False], atol=1e-6)

@@ -82,8 +82,8 @@ def build_optimizer(
     cfg: RunConfig, model: torch.nn.Module, opt: OptimizerPlan
 ) -> torch.optim.Optimizer:
     """torch AdamW as ``opt`` (``trainer.ops.optimizer_plan``, the one rule) says:
-    ``fused=True`` (a torch kernel, nothing to build) where the optimizer steps CUDA tensors
-    (GPU without optimizer offload), the plain one otherwise."""
+    ``fused=True`` (a torch kernel, nothing to build, for CPU and CUDA tensors) without
+    optimizer offload, the plain (foreach) one for offloaded CPU shards."""
     t = cfg.train
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay),

@@ -8,7 +8,8 @@ C++ compiler for CPUAdam, plus ninja, and takes minutes behind a file lock. So t
 path never compiles:
 
     train.optimizer_impl  device  zero.offload_optimizer  optimizer
-    auto | torch          CPU     any      torch AdamW (foreach)
+    auto | torch          CPU     no       torch AdamW(fused=True)           no build: a torch kernel
+    auto | torch          CPU     yes      torch AdamW (foreach)
     auto | torch          GPU     no       torch AdamW(fused=True)           no build: a torch kernel
     auto                  GPU     yes      DeepSpeed CPUAdam if pre-built,
                                            else torch AdamW on the CPU shards (correct, slower; noted)
@@ -120,7 +121,7 @@ def optimizer_plan(cfg: RunConfig, on_gpu: bool, build: BuildEnv | None = None) 
     # DeepSpeed's own rule (zero_use_cpu_optimizer): the optimizer offload alone decides
     offload = cfg.zero.offload_optimizer
     if cfg.engine == "ddp":  # DDP has no DeepSpeed optimizer
-        return OptimizerPlan(False, on_gpu, None, "torch AdamW" + (" (fused)" if on_gpu else ""))
+        return OptimizerPlan(False, True, None, "torch AdamW (fused)")
     if impl == "deepspeed" or (offload and impl == "auto" and on_gpu):
         build = build or detect_build_env()
     if offload:
@@ -140,7 +141,9 @@ def optimizer_plan(cfg: RunConfig, on_gpu: bool, build: BuildEnv | None = None) 
                 "than DeepSpeed's CPUAdam; for CPUAdam install deepspeed with DS_BUILD_CPU_ADAM=1, or set "
                 "train.optimizer_impl=deepspeed to JIT-build it once with the host C++ compiler"
             )
-        fused = on_gpu and not offload
+        # torch's fused AdamW runs on CPU tensors too: 5.5x faster than foreach for
+        # MiniLM's 22.6M parameters on this CPU (docs/PERFORMANCE.md)
+        fused = not offload
         return OptimizerPlan(
             False, fused, None, "torch AdamW" + (" (fused)" if fused else ""), note=note
         )
