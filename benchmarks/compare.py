@@ -67,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
     p.add_argument("--loss-tolerance", type=float, default=1e-4)
     p.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    p.add_argument(
+        "--zerotune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a lever for zerotune only (e.g. data.group_by_length=true): its steps are then "
+        "checked as the same samples (tokens summed over ranks, mean first loss)",
+    )
     return p.parse_args(argv)
 
 
@@ -146,7 +154,17 @@ def child_env(a: argparse.Namespace, out: Path) -> dict[str, str]:
 
 def command(name: str, a, config: Path, data: Path, ds_json: Path, run: Path) -> list[str]:
     if name == "zerotune":
-        return [sys.executable, "-m", "launcher", "train", str(config), "--run-dir", str(run)]
+        sets = [x for kv in a.zerotune_set for x in ("--set", kv)]
+        return [
+            sys.executable,
+            "-m",
+            "launcher",
+            "train",
+            str(config),
+            "--run-dir",
+            str(run),
+            *sets,
+        ]
     script = BENCH / ("floor_loop.py" if name == "floor" else "hf_trainer.py")
     return [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1"),
@@ -202,8 +220,13 @@ def figures(r: dict, warmup: int) -> dict:
     }
 
 
-def sameness(ref: dict, other: dict, name: str, tol: float) -> list[str]:
-    """Problems: tokens of a step differ on a rank, or a first loss beyond ``tol``."""
+def sameness(ref: dict, other: dict, name: str, tol: float, per_rank: bool = True) -> list[str]:
+    """Problems: tokens of a step differ on a rank, or a first loss beyond ``tol``. Not
+    ``per_rank`` (a lever that splits a step's samples otherwise over the ranks, as
+    ``data.group_by_length``): the step's tokens summed over ranks and the ranks' mean first
+    loss."""
+    if not per_rank:
+        ref, other = _over_ranks(ref), _over_ranks(other)
     problems = []
     for rank, (a, b) in enumerate(zip(ref["steps"], other["steps"])):
         ta, tb = [s["tokens"] for s in a], [s["tokens"] for s in b]
@@ -218,6 +241,15 @@ def sameness(ref: dict, other: dict, name: str, tol: float) -> list[str]:
                 f"(|Δ| {abs(a[0]['loss'] - b[0]['loss']):.2e} > {tol})"
             )
     return problems
+
+
+def _over_ranks(r: dict) -> dict:
+    """One pseudo-rank: per step, the tokens summed and the loss averaged over the ranks."""
+    steps = [
+        {"tokens": sum(s["tokens"] for s in col), "loss": statistics.fmean(s["loss"] for s in col)}
+        for col in zip(*r["steps"])
+    ]
+    return {**r, "steps": [steps]}
 
 
 def max_loss_gap(ref: dict, other: dict) -> float:
@@ -297,10 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     ref = runs["floor"][0]
     problems, gaps = [], {}
     for n in order:
+        per_rank = not (n == "zerotune" and a.zerotune_set)
         for r in runs[n]:
-            problems += sameness(ref, r, n, a.loss_tolerance)
+            problems += sameness(ref, r, n, a.loss_tolerance, per_rank)
         if n != "floor":
-            gaps[n] = max(max_loss_gap(ref, r) for r in runs[n])
+            view = (lambda r: r) if per_rank else _over_ranks
+            gaps[n] = max(max_loss_gap(view(ref), view(r)) for r in runs[n])
     first = {n: [round(s[0]["loss"], 6) for s in runs[n][0]["steps"]] for n in order}
     tokens = {n: sum(s[0]["tokens"] for s in runs[n][0]["steps"]) for n in order}
     print(f"first losses per rank: {first}; tokens of step 1 (all ranks): {tokens}")

@@ -43,6 +43,23 @@ def test_sameness_names_the_step_whose_tokens_differ_and_a_first_loss_beyond_tol
     assert "t rank 0: first loss 0.700300, floor 0.700000" in problem
 
 
+def test_sameness_over_ranks_for_a_lever_that_splits_a_step_otherwise():
+    """data.group_by_length: the same samples per step, split otherwise over the ranks."""
+    compare = _compare()
+    floor = _run([300, 310], [0.70, 0.69])
+    grouped = _run([300, 310], [0.70, 0.69])
+    grouped["steps"] = [
+        [{**s, "tokens": s["tokens"] + d, "loss": s["loss"] + d / 1e3} for s in rank]
+        for rank, d in zip(grouped["steps"], (40, -40))
+    ]
+    assert compare.sameness(floor, grouped, "z", 1e-4, per_rank=False) == []
+    assert compare.sameness(floor, grouped, "z", 1e-4)  # per rank they differ
+    grouped["steps"][1][1] = {**grouped["steps"][1][1], "tokens": 271}  # a sample lost
+    assert compare.sameness(floor, grouped, "z", 1e-4, per_rank=False) == [
+        "z rank 0: step 2 has [621] tokens, floor [620]"
+    ]
+
+
 def test_figures_are_read_from_the_step_records():
     compare = _compare()
     r = _run([300, 310, 305, 320], [0.7] * 4)
