@@ -125,8 +125,12 @@ def cmd_train(args) -> int:
         exit_process(rank_main(trainer_args(args.config, args.overrides, run_dir, args.resume)))
 
     from trainer.rundir import refuse_if_in_use
+    from trainer.startup import LAUNCHED_AT, process_created
 
     from .preflight import check
+
+    # the ranks' start-up breakdown (env.json startup_s) counts from this process's start
+    os.environ[LAUNCHED_AT] = repr(process_created())
 
     refuse_if_in_use(run_dir)  # at once, before the pre-flight reads data
     pf = check(

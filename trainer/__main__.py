@@ -6,6 +6,9 @@ import signal
 if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
+from trainer.startup import CLOCK  # noqa: E402
+
+CLOCK.mark("interpreter")  # process creation → here: Python's own start
 from trainer.main import main  # noqa: E402
 from trainer.process import exit_process  # noqa: E402
 

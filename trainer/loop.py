@@ -10,6 +10,7 @@ manager when to save, the sinks who writes; the task decides what a batch means.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -58,6 +59,7 @@ from .nonfinite import (
 from .preemption import PreemptionFlag, requeue_slurm_job
 from .process import ExitCode, versions
 from .rundir import check_resume_config, lock_for_rank0
+from .startup import CLOCK
 from .steplog import StepLog
 from .tasks import EvalResult, build_task
 from .throughput import build_throughput, cost_figures
@@ -161,7 +163,9 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         run_on_rank0(self._own_run_dir)
+        CLOCK.mark("run_dir")
         data = prepare(cfg, self.env.local_rank == 0, lambda: barrier(long=True))
+        CLOCK.mark("data")
         self.tokenizer = data.tokenizer
         self.plan = resolve_batch(cfg, self.world)
         lengths = sample_lengths(data.splits["train"]) if cfg.data.group_by_length else None
@@ -184,6 +188,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, self.task, self.tokenizer, self.task.head_config(data.labels))
         model = apply_peft(cfg, self.task, model, self.total)
+        CLOCK.mark("model")
         self.num_parameters = count_parameters(model)  # also when ZeRO-3 built it partitioned
         self.num_trainable = count_parameters(model, trainable=True)
         peft_entry = manifest_entry(cfg, model)  # PEFT: the frozen base's reference and digest
@@ -214,8 +219,10 @@ class Trainer:
             cfg, model, self.plan, self.total, self.device, load_universal=universal
         )
         self._measure_setup()
+        CLOCK.mark("engine")
         seed_everything(cfg.train.seed + 1000 * self.rank)
         loaded = self._load(resume_from, load_dir, saved_world) if resume_from else None
+        CLOCK.mark("resume")
 
         options = loader_options(cfg, self.device)
         collate = self.task.collate(self.tokenizer.pad_token_id)
@@ -231,6 +238,7 @@ class Trainer:
             cfg, self.task, self.engine, evals, data.labels, self.rank, self.world, collate, options
         )
         hosts = all_gather_object(socket.gethostname())
+        CLOCK.mark("loaders")
         if self.rank == 0:
             self._write_env(resume_from, hosts)
         self.sinks = build_sinks(
@@ -320,6 +328,7 @@ class Trainer:
         batches = iter(self.train_batches)
         engine.train()
         metric = None  # of an evaluation at this step: the checkpoint's score for keep_best
+        first = True  # this process's first step ends its start-up (trainer/startup.py)
         while state.step < self.total and not state.stopped_early:
             beat("step", state.step + 1)  # the watchdog's phase marker: one attribute write
             # model states are measured in one step: the second of this process (optimizer
@@ -342,6 +351,9 @@ class Trainer:
             state.acc_tokens += tokens
             self.step_log.record(state.step, dt, result.loss, tokens)
             faults.maybe_fail("step", state.step)
+            if first:
+                self._first_step_done()
+                first = False
 
             last = state.step == self.total
             log = state.step % cfg.logging.every_steps == 0 or last
@@ -377,6 +389,19 @@ class Trainer:
                 )
                 break
         return ExitCode.DONE
+
+    def _first_step_done(self) -> None:
+        """The start-up breakdown, complete with this process's first optimizer step: into
+        ``env.json`` (rank 0) and one line of the log."""
+        CLOCK.mark("first_step")
+        if self.rank != 0:
+            return
+        path = self.run_dir / "env.json"
+        info = json.loads(path.read_text())
+        info["startup_s"] = CLOCK.summary()
+        write_json_atomic(path, info)
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in info["startup_s"].items() if k != "total")
+        self.log(f"launch → first step {info['startup_s']['total']:.1f} s ({shown})")
 
     def _log_train(self, result) -> None:
         state = self.state
@@ -535,6 +560,8 @@ class Trainer:
             "trainable_parameters": self.num_trainable,
             "param_dtype": str(next(self.engine.module.parameters()).dtype).removeprefix("torch."),
             "resumed_from": str(resume_from) if resume_from else None,
+            # seconds per start-up phase, rank 0; first_step and total added after step 1
+            "startup_s": CLOCK.summary(),
         }
         write_json_atomic(self.run_dir / "env.json", info)
         if getattr(self.engine, "ds_config", None) is not None:

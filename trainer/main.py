@@ -21,6 +21,7 @@ from .process import (
     quiet_libraries,
     report_config_error,
 )
+from .startup import CLOCK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = detect_env(os.environ)
+        CLOCK.mark("imports")
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
         return run_rank(cfg, env, run_dir, args.resume)
     except (ConfigError, ValueError) as e:
@@ -54,8 +56,10 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
     quiet_libraries()
     if cfg.engine == "deepspeed":
         configure_cpu_deepspeed()
+    CLOCK.mark("imports")
     try:
         env, device = init_distributed(env, cfg.launch.backend, cfg.launch.timeout_minutes)
+        CLOCK.mark("process_group")
     except ConfigError as e:  # device binding or backend: before any rank trains
         # agreed from every rank's record: rank 0 speaks for all; else each for itself
         if not isinstance(e, AgreedConfigError):
@@ -80,6 +84,7 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
     try:
         from .loop import Trainer
 
+        CLOCK.mark("imports")
         code = Trainer(cfg, env, device, run_dir, resume).run()
         orderly = True
         return code
