@@ -345,7 +345,14 @@ class Trainer:
             state.step += 1
             dt = time.perf_counter() - t0
             state.samples_seen += self.plan.global_batch
-            state.acc_loss += 0.0 if self._nonfinite(result) else result.loss
+            # one all-reduce per step agrees on both flags: a NaN / inf anywhere, a signal
+            nonfinite, preempted = (
+                v > 0
+                for v in all_reduce_sum(
+                    [float(result.nonfinite), float(self.flag.set)], self.device
+                )
+            )
+            state.acc_loss += 0.0 if self._nonfinite(result, nonfinite) else result.loss
             state.acc_steps += 1
             tokens = sum(count_tokens(b) for b in micro_batches)
             state.acc_tokens += tokens
@@ -365,7 +372,6 @@ class Trainer:
             else:
                 self.sinks.progress(state.step)
 
-            preempted = any_rank(self.flag.set, self.device)
             metric = None
             if self.evaluator.should_evaluate(state.step, last, preempted):
                 beat("evaluation", state.step)
@@ -426,17 +432,18 @@ class Trainer:
         state.acc_loss, state.acc_steps, state.acc_tokens = 0.0, 0, 0
         state.acc_nonfinite = 0
 
-    def _nonfinite(self, result) -> bool:
-        """Whether this step's loss or gradients were NaN / inf on any rank (its update was
-        skipped): one all-reduce, so every rank counts, warns and stops at the same step.
-        Raises ``NonFiniteError`` where ``train.on_nonfinite`` says to stop."""
+    def _nonfinite(self, result, anywhere: bool) -> bool:
+        """Whether this step's loss or gradients were NaN / inf on any rank (``anywhere``:
+        agreed by the step's all-reduce, so every rank counts, warns and stops at the same
+        step; its update was skipped). Raises ``NonFiniteError`` where
+        ``train.on_nonfinite`` says to stop."""
         state, t = self.state, self.cfg.train
         warning = self.scale_watch.update(
             state.step, result.loss_scale, result.skipped, self.engine.skipped_steps
         )
         if warning:
             self.log(warning)
-        if not any_rank(result.nonfinite, self.device):
+        if not anywhere:
             state.nonfinite_in_a_row = 0
             return False
         losses = all_gather_object(result.loss)
