@@ -348,10 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("compare: NOT the same work:\n  " + "\n  ".join(problems))
         return 1
-    print(
-        "same work: equal tokens at every step on every rank, first losses within "
-        f"{a.loss_tolerance}"
-    )
+    where = "on every rank" if not a.zerotune_set else "(zerotune: summed over ranks)"
+    print(f"same work: equal tokens at every step {where}, first losses within {a.loss_tolerance}")
     return 0
 
 
