@@ -16,6 +16,7 @@ only this process. The first one is passed on (each rank stops at once, without 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -119,6 +120,9 @@ def run_torchrun(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # the agent's own "failed (exitcode: N) local_rank: …" line would follow ours and repeat
+    # less: explain_failure names every failed rank, its code or signal, phase and checkpoint
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     status_dir = tempfile.mkdtemp(prefix="zerotune-status-")
     os.environ[STATUS_DIR_ENV] = status_dir
     try:
