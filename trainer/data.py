@@ -7,9 +7,12 @@ Tokenisation runs once per node (local rank 0 first, others reuse its cache).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,8 +509,28 @@ def loader_options(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         "generator": torch.Generator(),
     }
     if workers:
-        opts.update(prefetch_factor=d.prefetch_factor, multiprocessing_context="fork")
+        opts.update(
+            prefetch_factor=d.prefetch_factor,
+            multiprocessing_context="fork",
+            worker_init_fn=functools.partial(die_with_rank, os.getpid()),
+        )
     return opts
+
+
+def die_with_rank(rank_pid: int, worker_id: int) -> None:
+    """A loader worker dies with its rank (Linux ``PR_SET_PDEATHSIG``): a rank killed with
+    SIGKILL must not leave workers behind that hold its run-directory lock, files and sockets
+    for seconds, or print tracebacks from their broken pipes after the launcher's last lines."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != rank_pid:  # the rank died before the request took effect
+        os._exit(0)
 
 
 def train_loader(dataset, sampler: StepBatchSampler, collate, options: dict[str, Any]):
