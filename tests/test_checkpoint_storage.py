@@ -103,6 +103,7 @@ def _mount_tmpfs(where: Path, size: int) -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.slow  # the longest in-process runs: kept out of the fast tier
 def test_full_tmpfs_is_named_enospc_and_keeps_the_committed_checkpoint(tmp_path):
     """A real full disk: torch.save's own error (``basic_ios::clear`` / ``file write
     failed``) becomes ENOSPC. The tmpfs holds one checkpoint and a half, so step 4 commits

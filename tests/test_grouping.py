@@ -140,6 +140,7 @@ def _losses(d: Path) -> dict[int, float]:
     return {x["step"]: x["loss"] for x in read_jsonl(d / "metrics.jsonl") if x["kind"] == "train"}
 
 
+@pytest.mark.slow  # the longest in-process runs: kept out of the fast tier
 def test_grouped_run_resumes_bitwise_at_two_ranks_and_trains_at_one(tmp_path):
     ref, r = _run(tmp_path, "ref", "train.max_steps=12")
     d, _ = _run(tmp_path, "resumed", "train.max_steps=6")

@@ -699,6 +699,7 @@ def _losses(run: Path) -> dict[int, float]:
     }
 
 
+@pytest.mark.slow  # the longest in-process runs: kept out of the fast tier
 def test_adalora_run_crashes_and_resumes_exactly_then_at_another_world_size(tmp_path):
     """The loop killed after step 9 (checkpoint at 6) and started again: the same losses and
     the same final adapters as an uninterrupted run, bit for bit; at ZeRO-3 the same crash
