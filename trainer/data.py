@@ -469,12 +469,6 @@ def eval_shards(
         yield chunk, valid
 
 
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    mask = batch.get("attention_mask")
-    # a packed batch (data.packing) has no mask and no padding: every token is real
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
 class StepBatchSampler:
     """The batch sampler of the training ``DataLoader``: this rank's micro-batches of
     optimizer steps ``start .. stop-1`` in order, ``accum`` per step, straight from the

@@ -33,7 +33,6 @@ from .config import ConfigError, RunConfig, dump_config
 from .data import (
     GlobalBatchPlan,
     StepBatchSampler,
-    count_tokens,
     loader_options,
     prepare,
     sample_lengths,
@@ -328,7 +327,6 @@ class Trainer:
         batches = iter(self.train_batches)
         engine.train()
         metric = None  # of an evaluation at this step: the checkpoint's score for keep_best
-        first = True  # this process's first step ends its start-up (trainer/startup.py)
         while state.step < self.total and not state.stopped_early:
             beat("step", state.step + 1)  # the watchdog's phase marker: one attribute write
             # model states are measured in one step: the second of this process (optimizer
@@ -354,17 +352,15 @@ class Trainer:
             )
             state.acc_loss += 0.0 if self._nonfinite(result, nonfinite) else result.loss
             state.acc_steps += 1
-            tokens = sum(count_tokens(b) for b in micro_batches)
+            last = state.step == self.total
+            log = state.step % cfg.logging.every_steps == 0 or last
+            tokens = self.throughput.step(dt, micro_batches, log)
             state.acc_tokens += tokens
             self.step_log.record(state.step, dt, result.loss, tokens)
             faults.maybe_fail("step", state.step)
-            if first:
+            if self.throughput.steps_run == 1:
                 self._first_step_done()
-                first = False
 
-            last = state.step == self.total
-            log = state.step % cfg.logging.every_steps == 0 or last
-            self.throughput.step(dt, micro_batches, log)
             if watch:
                 self.sinks.log(state.step, self.memory.collect(state.step), "memory")
             if log:

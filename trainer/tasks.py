@@ -532,7 +532,7 @@ class PackingCollator:
     kernels), so attention stays inside each sequence and the loss equals the padded
     batch's — the same predicted tokens, the same mean. Which samples form the micro-batch
     is still the step-keyed plan's choice (exact resume unchanged); packing only removes
-    the padding. Every token of the row is real (``trainer.data.count_tokens``).
+    the padding. Every token of the row is real (``trainer.throughput.sequence_lengths``).
     """
 
     def __init__(self):

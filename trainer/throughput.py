@@ -172,9 +172,10 @@ class Throughput:
         self.current = Window()
         self.timed = Window()
 
-    def step(self, seconds: float, micro_batches: list[dict], log: bool) -> None:
-        """One optimizer step of this rank: its wall seconds and all its micro-batches. The
-        phase timer is read at log steps and where the warm-up ends (no sync in between)."""
+    def step(self, seconds: float, micro_batches: list[dict], log: bool) -> int:
+        """One optimizer step of this rank: its wall seconds and all its micro-batches; returns
+        the step's non-padding tokens on this rank. The phase timer is read at log steps and
+        where the warm-up ends (no sync in between)."""
         samples = tokens = sq = 0
         for b in micro_batches:
             n, t, s = batch_counts(b)
@@ -185,6 +186,7 @@ class Throughput:
         self.current.add(seconds, samples, tokens, sq, phases)
         if self.steps_run > self.warmup:
             self.timed.add(seconds, samples, tokens, sq, phases)
+        return tokens
 
     def figures(self, r: dict[str, Any]) -> dict[str, Any]:
         """Window (or summary) figures from ``reduce_window``'s sums."""
