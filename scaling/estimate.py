@@ -200,7 +200,7 @@ def activation_bytes(
 def model_states(shape: ModelShape, cfg, stage: int, world: int, accum: int):
     """``trainer.memory``'s prediction (a run checks it against its tensors): ``total``
     includes the offloaded part, ``host``."""
-    from trainer.memory import predict_model_states
+    from trainer.memory import partition_grad_numel, predict_model_states
 
     return predict_model_states(
         shape.parameters,
@@ -212,6 +212,7 @@ def model_states(shape: ModelShape, cfg, stage: int, world: int, accum: int):
         offload_param=cfg.zero.offload_params and stage == 3,
         engine=cfg.engine,
         grad_accum=accum,
+        grad_partition_numel=partition_grad_numel(shape.groups, world) if shape.groups else None,
         persistent_params=shape.persistent_params if stage == 3 else 0,
         largest_param=shape.largest_param,
     )

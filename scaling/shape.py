@@ -10,7 +10,7 @@ wrapped on the meta model too, so the trainable count is peft's own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.config import RunConfig
@@ -28,6 +28,8 @@ class ModelShape:
     lm_head: bool  # logits over the vocabulary (causal LM): their activation memory counts
     largest_param: int = 0  # elements of the largest trainable tensor (offload staging buffers)
     persistent_params: int = 0  # elements ZeRO-3 keeps whole on every rank (numel ≤ 1e5)
+    # trainable sizes per optimizer group, in order: which whole gradients a ZeRO-1/2 rank holds
+    groups: list[list[int]] = field(default_factory=list)
 
     @property
     def trainable_fraction(self) -> float:
@@ -85,7 +87,7 @@ def shape_of(
         model = getattr(transformers, auto).from_config(model_config)
     if peft_cfg is not None:
         model = peft_cfg(model)
-    from trainer.memory import PERSISTENCE_THRESHOLD
+    from trainer.memory import optimizer_groups, persistent_numel
 
     sizes = [(p.numel(), p.requires_grad) for p in model.parameters()]
     d = flops.dims(model_config)
@@ -99,7 +101,8 @@ def shape_of(
         d["vocab"],
         task == "causal_lm",
         max((n for n, t in sizes if t), default=0),
-        sum(n for n, _ in sizes if n <= PERSISTENCE_THRESHOLD),
+        persistent_numel(model),
+        optimizer_groups(model),
     )
 
 
