@@ -183,15 +183,11 @@ def publish_interval(timeout_s: float) -> float:
 
 def last_committed(run_dir: Path) -> tuple[Path, int] | None:
     """(path, step) of the newest committed checkpoint whose files have their manifest sizes
-    (a quick check: the resume itself verifies checksums)."""
-    from .checkpoint import committed, read_manifest, verify
+    (sizes only, so a failing job names it at once: the resume itself verifies checksums)."""
+    from .checkpoint import find_valid
 
-    for ckpt in committed(run_dir / "checkpoints"):
-        if not verify(ckpt, level="size"):
-            with contextlib.suppress(Exception):
-                return ckpt, int(read_manifest(ckpt).get("step", ckpt.name.split("_")[1]))
-            return ckpt, int(ckpt.name.split("_")[1])
-    return None
+    ckpt = find_valid(run_dir / "checkpoints", "quick", warn=lambda _: None)
+    return (ckpt, int(ckpt.name.split("_")[1])) if ckpt is not None else None
 
 
 def resume_hint(run_dir: Path | None) -> str:
