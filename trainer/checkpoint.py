@@ -191,7 +191,8 @@ def needs_pickle(rel: str) -> bool:
 
 def verify(ckpt: Path, level: str = "checksum") -> list[str]:
     """Problems with a committed checkpoint (empty list: valid). At ``level="size"`` the
-    files that need pickle are still checksummed: no unverified file is ever unpickled."""
+    files that need pickle are still checksummed: no unverified file is ever unpickled.
+    ``level="quick"`` (sizes only) is for messages that name a checkpoint, never before a load."""
     mpath = ckpt / MANIFEST
     if not mpath.is_file():
         return [f"{ckpt.name}: no {MANIFEST} (incomplete write?)"]
@@ -208,6 +209,8 @@ def verify(ckpt: Path, level: str = "checksum") -> list[str]:
             problems.append(
                 f"{ckpt.name}/{rel}: size {p.stat().st_size} != {meta['size']} in the manifest (truncated?)"
             )
+        elif level == "quick":
+            continue
         elif (level == "checksum" or needs_pickle(rel)) and sha256_file(p) != meta["sha256"]:
             problems.append(f"{ckpt.name}/{rel}: checksum mismatch (corrupted)")
     return problems
@@ -345,11 +348,11 @@ class CheckpointManager:
                 if self.hf_writer is not None:
                     guard.call(tmp / "hf", self.hf_writer, tmp / "hf")
         faults.maybe_fail("save", step)
-        self._agree(step, tmp, all_gather_object(guard.failure, long=True))
-        # Every rank makes the files it wrote durable and hashes them, in parallel; rank 0
-        # only assembles the manifest. The waits use the long (gloo) group: they last as
+        # the gather is also the barrier: every rank's files are written before anyone lists
+        # them. Every rank makes the files it wrote durable and hashes them, in parallel; rank
+        # 0 only assembles the manifest. The waits use the long (gloo) group: they last as
         # long as the largest shard takes to hash, whatever the NCCL timeout.
-        barrier(long=True)
+        self._agree(step, tmp, all_gather_object(guard.failure, long=True))
         names = broadcast_object(
             [str(p.relative_to(tmp)) for p in list_files(tmp)] if self.rank == 0 else None,
             long=True,
