@@ -14,13 +14,12 @@ the number, or a file holding doctor's output.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from trainer.config import ConfigError, load_config
 
-from .collect import window_mean, window_values
+from .collect import read_json, window_mean, window_values
 from .estimate import (
     Calibration,
     Hardware,
@@ -57,13 +56,6 @@ def parse_bandwidth(value: str) -> tuple[float, str]:
     return gbps, "given"
 
 
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def measured(run_dir: Path, timing: str = "mean") -> dict:
     """The figures of a finished run the calibration uses (ConfigError when it has none).
 
@@ -71,8 +63,8 @@ def measured(run_dir: Path, timing: str = "mean") -> dict:
     after the warm-up: on a machine shared with other work, contention only ever adds time,
     so the fastest window is the closest to the run's own speed (log every step for this).
     """
-    results = _json(run_dir / "results.json")
-    env = _json(run_dir / "env.json")
+    results = read_json(run_dir / "results.json")
+    env = read_json(run_dir / "env.json")
     if not (run_dir / "config.yaml").is_file() or not env:
         raise ConfigError(
             f"--calibrate {str(run_dir)!r}: not a run directory (config.yaml and env.json missing); "

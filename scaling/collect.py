@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from trainer.files import write_json_atomic
+
 STATUS_FILE = "sweep_status.json"
 COLUMNS = [
     "name",
@@ -56,7 +58,7 @@ COLUMNS = [
 ]
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -64,16 +66,14 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
-    return _json(run_dir / STATUS_FILE)
+    return read_json(run_dir / STATUS_FILE)
 
 
 def write_status(run_dir: Path, status: str, reason: str, **extra: Any) -> None:
     """The point's state for a re-run and for the CSV; written atomically (rename)."""
     old = read_status(run_dir)
     old.update(extra, status=status, reason=reason, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    tmp = run_dir / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(old, indent=1))
-    tmp.replace(run_dir / STATUS_FILE)
+    write_json_atomic(run_dir / STATUS_FILE, old)
 
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -120,8 +120,8 @@ def _finite(v: Any) -> Any:
 def point_row(run_dir: Path, values: dict[str, Any] | None = None) -> dict[str, Any]:
     """One CSV row for a point directory (any of its files may be missing)."""
     status = read_status(run_dir)
-    results = _json(run_dir / "results.json")
-    env = _json(run_dir / "env.json")
+    results = read_json(run_dir / "results.json")
+    env = read_json(run_dir / "env.json")
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from trainer.config import ConfigError, dump_config, parse_overrides, read_yaml
+from trainer.config import ConfigError, dotted_keys, dump_config, parse_overrides, read_yaml
 
 from .collect import STATUS_FILE, read_status, write_results_csv, write_status
 
@@ -94,18 +94,6 @@ class Sweep:
 
 
 # ---- the sweep file ------------------------------------------------------------------------
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{train: {max_steps: 30}}`` and ``{train.max_steps: 30}`` both → dotted keys."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _override(key: str, value: Any) -> str:
     """``KEY=VALUE`` that ``parse_overrides`` reads back as the same value (YAML flow)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
@@ -142,7 +130,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for name, section in (("set", common), ("grid", grid)):
         if not isinstance(section, dict):
             raise ConfigError(f"{where}: {name} must be a mapping of config keys, got {section!r}")
-    grid = _flat(grid)
+    grid = dotted_keys(grid)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(
@@ -156,7 +144,7 @@ def load_sweep(path: str | Path) -> Sweep:
     timeout = raw.get("timeout_s")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ConfigError(f"{where}: timeout_s={timeout!r} must be a positive number of seconds")
-    common = _flat(common)
+    common = dotted_keys(common)
     points = [_point(dict(zip(grid, combo)), common) for combo in itertools.product(*grid.values())]
     names = [p.name for p in points]
     dupes = sorted({n for n in names if names.count(n) > 1})

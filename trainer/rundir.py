@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, config_from_dict
+from .config import ConfigError, RunConfig, config_from_dict, dotted_keys
 
 LOCK_FILE = ".zerotune.lock"
 RANKS_LOCK_FILE = ".zerotune.ranks.lock"
@@ -215,16 +215,6 @@ def lock_for_rank0(run_dir: Path, environ: Mapping[str, str]) -> list[RunLock]:
 # --------------------------------------------------------------------------------------
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(old: Mapping[str, Any], new: RunConfig) -> list[str]:
     """``key: old → new`` for each key that changes what is trained (HARMLESS ones aside).
 
@@ -232,7 +222,7 @@ def config_changes(old: Mapping[str, Any], new: RunConfig) -> list[str]:
     validates, so a key added since is not a difference."""
     with contextlib.suppress(ConfigError):
         old = config_from_dict(dict(old)).model_dump(mode="json")
-    before, after = _flatten(old), _flatten(new.model_dump(mode="json"))
+    before, after = dotted_keys(old), dotted_keys(new.model_dump(mode="json"))
     return [
         f"{key}: {before[key]!r} → {after[key]!r}"
         for key in sorted(before.keys() & after.keys())
