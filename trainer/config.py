@@ -262,6 +262,20 @@ class LoggingConfig(_Section):
     warmup_steps_excluded: int = Field(
         2, ge=0, description="Steps left out of the throughput summary"
     )
+    profile_steps: str | None = Field(
+        None,
+        description="torch.profiler over optimizer steps FIRST-LAST (e.g. '5-7'): a trace per rank "
+        "in RUN_DIR/profile (TensorBoard's profiler plugin) and an operator table rank<R>.txt",
+    )
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _profile_steps(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .profiling import parse_steps
+
+            parse_steps(v)
+        return v
 
 
 class ScalingConfig(_Section):

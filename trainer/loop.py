@@ -57,6 +57,7 @@ from .nonfinite import (
 )
 from .preemption import PreemptionFlag, requeue_slurm_job
 from .process import ExitCode, versions
+from .profiling import StepProfiler
 from .rundir import check_resume_config, lock_for_rank0
 from .startup import CLOCK
 from .steplog import StepLog
@@ -136,6 +137,7 @@ class Trainer:
         self.throughput = self.memory = None  # built by setup(); trainer/throughput.py, memory.py
         self.figures: dict[str, Any] = {}  # the end's throughput and memory, for results.json
         self.step_log = StepLog(self.rank)  # per-step timestamps for benchmarks/ (off by default)
+        self.profiler = StepProfiler(cfg.logging.profile_steps, run_dir, self.rank, device)
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -326,6 +328,7 @@ class Trainer:
         state, engine, cfg = self.state, self.engine, self.cfg
         batches = iter(self.train_batches)
         engine.train()
+        self.profiler.start(state.step)
         metric = None  # of an evaluation at this step: the checkpoint's score for keep_best
         while state.step < self.total and not state.stopped_early:
             beat("step", state.step + 1)  # the watchdog's phase marker: one attribute write
@@ -357,6 +360,7 @@ class Trainer:
             tokens = self.throughput.step(dt, micro_batches, log)
             state.acc_tokens += tokens
             self.step_log.record(state.step, dt, result.loss, tokens)
+            self.profiler.step(state.step)
             faults.maybe_fail("step", state.step)
             if self.throughput.steps_run == 1:
                 self._first_step_done()
@@ -536,6 +540,7 @@ class Trainer:
             lock.release()
         self.step_log.event("end")
         self.step_log.close()
+        self.profiler.stop()
 
     # ---- reports -------------------------------------------------------------------------
     def _write_env(self, resume_from: Path | None, hosts: list[str]) -> None:
