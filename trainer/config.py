@@ -142,6 +142,13 @@ class DataConfig(_Section):
         description="Split each step's samples (the same samples either way) into micro-batches of similar length, "
         "so each pads less; deterministic on every rank and world size, resumes exactly",
     )
+    batch_by_tokens: bool = Field(
+        False,
+        description="Like group_by_length, but micro-batches of a variable number of samples (many "
+        "short, few long) so the largest one's padded tokens are the fewest possible, never more than "
+        "an equal split's; the loss stays the step's mean over its samples. Per-sample losses only "
+        "(classification); token-level tasks: use group_by_length",
+    )
     packing: bool = Field(
         False,
         description="causal_lm: train on each micro-batch's sequences packed into one row, no padding "

@@ -248,7 +248,9 @@ def cache_key(cfg: RunConfig, tokenizer_id: str) -> str:
         "train": _source_fingerprint(d.train),
         "validation": _source_fingerprint(d.validation),
         "test": _source_fingerprint(d.test),
-        "data": d.model_dump(mode="json", exclude={"cache_dir", "group_by_length", *LOADER_KEYS}),
+        "data": d.model_dump(
+            mode="json", exclude={"cache_dir", "group_by_length", "batch_by_tokens", *LOADER_KEYS}
+        ),
         "tokenizer": tokenizer_id,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
@@ -375,6 +377,7 @@ class GlobalBatchPlan:
         global_batch: int,
         seed: int,
         lengths: Sequence[int] | None = None,
+        by_tokens: bool = False,
     ):
         if num_samples < global_batch:
             raise ConfigError(
@@ -386,6 +389,7 @@ class GlobalBatchPlan:
         self.seed = seed
         self.steps_per_epoch = num_samples // global_batch
         self.lengths = lengths  # data.group_by_length: token count of every sample
+        self.by_tokens = by_tokens  # data.batch_by_tokens: micro-batches of variable size
         self._perm_epoch: int | None = None
         self._perm: list[int] = []
 
@@ -407,11 +411,21 @@ class GlobalBatchPlan:
     def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[list[int]]:
         idx = self.step_indices(step)
         accum = self.global_batch // (micro * world)
+        if self.lengths is not None and self.by_tokens:
+            return batch_by_tokens(idx, self.lengths, step, rank, world, accum)
         if self.lengths is not None:
             return group_by_length(idx, self.lengths, step, rank, world, micro, accum)
         return [
             idx[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)
         ]
+
+
+def build_plan(cfg: RunConfig, train, global_batch: int) -> GlobalBatchPlan:
+    """The training split's step-keyed plan, with its samples' lengths where a step's samples
+    are split by length (``data.group_by_length``, ``data.batch_by_tokens``)."""
+    d = cfg.data
+    lengths = sample_lengths(train) if d.group_by_length or d.batch_by_tokens else None
+    return GlobalBatchPlan(len(train), global_batch, cfg.train.seed, lengths, d.batch_by_tokens)
 
 
 def group_by_length(
@@ -440,6 +454,90 @@ def group_by_length(
     return out
 
 
+def batch_by_tokens(
+    idx: list[int], lengths: Sequence[int], step: int, rank: int, world: int, accum: int
+) -> list[list[int]]:
+    """``rank``'s micro-batches of one step's samples ``idx``, of variable size
+    (``data.batch_by_tokens``).
+
+    As in ``group_by_length`` the samples stay the plan's and are sorted longest first (ties
+    by index); the ``accum × world`` contiguous chunks are cut by ``balanced_chunks`` so that
+    the largest chunk's padded tokens are the fewest possible: many short samples share a
+    micro-batch, few long ones another, and no rank waits on a micro-batch padded far beyond
+    the others. Micro-step ``m`` takes the ``m``-th ``world`` chunks by padded size (largest
+    first: the peak memory shows at once; chunks of similar size run in lock step, which
+    makes the step's sum of slowest micro-batches the smallest), and who gets which rotates
+    with ``m + step``. The engines weigh each micro-batch's mean loss by its size, so the
+    step's loss and gradients stay the mean over its samples.
+    """
+    order = sorted(idx, key=lambda i: (-lengths[i], i))
+    bounds = balanced_chunks([lengths[i] for i in order], accum * world)
+    by_size = sorted(bounds, key=lambda b: (-_padded(lengths, order, b), b))
+    out = []
+    for m in range(accum):
+        start, stop = by_size[m * world + (rank + m + step) % world]
+        out.append(order[start:stop])
+    return out
+
+
+def _padded(lengths: Sequence[int], order: list[int], bounds: tuple[int, int]) -> int:
+    """Token slots of ``order[start:stop]`` padded to its longest (the first: sorted)."""
+    start, stop = bounds
+    return (stop - start) * lengths[order[start]]
+
+
+def balanced_chunks(lengths: Sequence[int], k: int) -> list[tuple[int, int]]:
+    """``k`` non-empty contiguous (start, stop) chunks of ``lengths`` (sorted longest first)
+    whose largest padded size (samples × longest) is the smallest possible.
+
+    Binary search on the budget: a greedy fill (each chunk as long as the budget allows)
+    needs the fewest chunks for a budget, so the smallest budget it fits in ``k`` chunks is the
+    optimum; the equal split (``len // k`` each) is a feasible upper bound, so a micro-batch
+    never holds more padded tokens than the equal split's worst one (nor more attention
+    scores: n × L² ≤ budget × L). Chunks are then split, the largest first, until there are
+    exactly ``k`` (a split never raises a chunk's padded size)."""
+    n = len(lengths)
+    assert 1 <= k <= n, (k, n)
+    size = -(-n // k)
+    lo = max(lengths[0], 1)
+    hi = max((min(i + size, n) - i) * lengths[i] for i in range(0, n, size))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_greedy(lengths, mid)) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    chunks = _greedy(lengths, lo)
+    while len(chunks) < k:
+        widest = max(
+            (c for c in chunks if c[1] - c[0] > 1),
+            key=lambda c: ((c[1] - c[0]) * lengths[c[0]], -c[0]),
+        )
+        i = chunks.index(widest)
+        chunks[i : i + 1] = _halve(lengths, widest)
+    return chunks
+
+
+def _greedy(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Chunks filled up to ``budget`` padded tokens each (``budget`` ≥ the longest length)."""
+    chunks, start, n = [], 0, len(lengths)
+    while start < n:
+        stop = min(n, start + budget // max(lengths[start], 1))
+        chunks.append((start, stop))
+        start = stop
+    return chunks
+
+
+def _halve(lengths: Sequence[int], chunk: tuple[int, int]) -> list[tuple[int, int]]:
+    """``chunk`` cut in two where the larger part's padded size is the smallest."""
+    start, stop = chunk
+    cut = min(
+        range(start + 1, stop),
+        key=lambda c: (max((c - start) * lengths[start], (stop - c) * lengths[c]), c),
+    )
+    return [(start, cut), (cut, stop)]
+
+
 def sample_lengths(dataset) -> list[int]:
     """Token count of every row of a tokenised split (read from its Arrow column, honouring
     a selection), for ``data.group_by_length``."""
@@ -450,17 +548,21 @@ def sample_lengths(dataset) -> list[int]:
 
 
 def eval_shards(
-    n: int, rank: int, world: int, micro: int
+    n: int, rank: int, world: int, micro: int, lengths: Sequence[int] | None = None
 ) -> Iterator[tuple[list[int], list[bool]]]:
     """Strided shard of ``range(n)``, padded so every rank runs the same number of batches.
 
     A rank whose shard runs out early forwards one placeholder row (index 0, marked
     invalid), so metrics count every sample exactly once while ZeRO-3's collective
-    forward stays in lock step.
+    forward stays in lock step. With ``lengths`` the samples are first sorted longest first
+    (ties by index): a batch then pads to about its own samples' length instead of the
+    longest of a random draw, and the ranks' batches ``b`` hold neighbouring lengths. The
+    metrics are sums over samples, so only the loss's float rounding can tell.
     """
     per_rank = -(-n // world)
     batches = -(-per_rank // micro)
-    mine = list(range(rank, n, world))
+    order = sorted(range(n), key=lambda i: (-lengths[i], i)) if lengths is not None else range(n)
+    mine = list(order[rank::world])
     for b in range(batches):
         chunk = mine[b * micro : (b + 1) * micro]
         valid = [True] * len(chunk)
@@ -533,11 +635,21 @@ def train_loader(dataset, sampler: StepBatchSampler, collate, options: dict[str,
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **options)
 
 
-def eval_loader(dataset, rank: int, world: int, micro: int, collate, options: dict[str, Any]):
-    """(loader, valid masks): the eval shards of this rank, placeholders marked invalid."""
+def eval_loader(
+    dataset,
+    rank: int,
+    world: int,
+    micro: int,
+    collate,
+    options: dict[str, Any],
+    by_length: bool = True,
+):
+    """(loader, valid masks): the eval shards of this rank, placeholders marked invalid;
+    ``by_length``: batches of length-sorted samples (the same metrics, less padding)."""
     from torch.utils.data import DataLoader
 
-    shards = list(eval_shards(len(dataset), rank, world, micro))
+    lengths = sample_lengths(dataset) if by_length and len(dataset) else None
+    shards = list(eval_shards(len(dataset), rank, world, micro, lengths))
     loader = DataLoader(
         dataset,
         batch_sampler=[idx for idx, _ in shards],

@@ -35,7 +35,10 @@ from .ops import OptimizerPlan, optimizer_plan
 
 @dataclass
 class StepResult:
-    loss: float  # mean over the step's micro-batches on this rank
+    # this rank's share of the step's mean loss: the mean over its micro-batches of each one's
+    # mean, weighed by its samples / micro (data.batch_by_tokens; else all weigh 1), so the
+    # mean over ranks is the step's mean over its samples
+    loss: float
     grad_norm: float | None
     loss_scale: float | None
     skipped: bool = False  # fp16 overflow: the optimizer step was skipped
@@ -140,6 +143,15 @@ def _loss(out, step: int | None, first: bool) -> torch.Tensor:
     return out.loss
 
 
+def _weighted(loss: torch.Tensor, batch: dict[str, torch.Tensor], micro: int | None):
+    """``data.batch_by_tokens``: a micro-batch of ``n`` samples (not ``micro``) weighs its mean
+    loss by ``n / micro``. The engines divide by the accumulation and average over ranks, as
+    for equal micro-batches, so the step's loss and gradients are the mean over all its
+    samples — the plain run's up to float rounding. ``micro`` None: equal micro-batches."""
+    n = batch["input_ids"].shape[0]
+    return loss if micro is None or n == micro else loss * (n / micro)
+
+
 @contextlib.contextmanager
 def _no_update(optimizer):
     """One boundary without an update. DeepSpeed skips an update (no scheduler step, counted
@@ -222,6 +234,7 @@ class DeepSpeedEngine:
             self.step_hook.on_zero3(self.module)
         self.universal = load_universal
         self.timer = self.probe = None  # set by the loop: phase timing, model-state snapshots
+        self.weigh_by = plan.micro if cfg.data.batch_by_tokens else None  # see _weighted
 
     def train(self) -> None:
         self.engine.train()
@@ -249,7 +262,7 @@ class DeepSpeedEngine:
         for i, batch in enumerate(micro_batches):
             with timer("forward"):
                 out = self.engine(**_to(batch, self.device))
-            loss = _loss(out, step, i == 0)
+            loss = _weighted(_loss(out, step, i == 0), batch, self.weigh_by)
             with timer("backward"):
                 self.engine.backward(loss)
             if self.probe is not None:
@@ -473,6 +486,7 @@ class DDPEngine:
         self.peft = is_peft_model(model)
         self.step_hook = build_step_hook(model)
         self.timer = self.probe = None  # set by the loop: phase timing, model-state snapshots
+        self.weigh_by = plan.micro if cfg.data.batch_by_tokens else None  # see _weighted
 
     def train(self) -> None:
         self.model.train()
@@ -499,7 +513,7 @@ class DDPEngine:
             with ctx:
                 with timer("forward"), self._autocast():
                     out = self.model(**_to(batch, self.device))
-                full = _loss(out, step, i == 0)
+                full = _weighted(_loss(out, step, i == 0), batch, self.weigh_by)
                 loss = full / n
                 with timer("backward"):
                     (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -31,11 +31,10 @@ from .adapters import manifest_entry, save_adapter_config
 from .batch import resolve_batch
 from .config import ConfigError, RunConfig, dump_config
 from .data import (
-    GlobalBatchPlan,
     StepBatchSampler,
+    build_plan,
     loader_options,
     prepare,
-    sample_lengths,
     train_loader,
 )
 from .distributed import all_gather_object, all_reduce_sum, any_rank, barrier, run_on_rank0
@@ -169,10 +168,7 @@ class Trainer:
         CLOCK.mark("data")
         self.tokenizer = data.tokenizer
         self.plan = resolve_batch(cfg, self.world)
-        lengths = sample_lengths(data.splits["train"]) if cfg.data.group_by_length else None
-        self.sampler = GlobalBatchPlan(
-            len(data.splits["train"]), self.plan.global_batch, cfg.train.seed, lengths
-        )
+        self.sampler = build_plan(cfg, data.splits["train"], self.plan.global_batch)
         self.total = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.sampler.steps_per_epoch)
         )

@@ -55,6 +55,9 @@ class Task:
     # validation / test splits only, collated, and never passed to the model
     eval_columns: ClassVar[tuple[str, ...]] = ()
     packs: ClassVar[bool] = False  # data.packing: several sequences per training row
+    # the model's loss is a mean over a batch's samples, so data.batch_by_tokens can weigh a
+    # micro-batch by its sample count (a token-level mean would need its token count)
+    sample_mean_loss: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -74,6 +77,12 @@ class Task:
             problems.append(
                 f"data.packing=true: task {cls.name!r} does not pack sequences (causal_lm does): "
                 "set data.packing=false"
+            )
+        if cfg.data.batch_by_tokens and not cls.sample_mean_loss:
+            problems.append(
+                f"data.batch_by_tokens=true: task {cls.name!r} averages its loss over tokens, not "
+                "samples, so micro-batches of unequal size would weigh its tokens unequally: set "
+                "data.batch_by_tokens=false and use data.group_by_length=true"
             )
         return problems
 
@@ -191,6 +200,7 @@ class ClassificationTask(Task):
     default_metric = "accuracy"
     maximize = frozenset({"accuracy", "macro_f1"})
     cls_sep_template = True
+    sample_mean_loss = True  # cross-entropy (MSE for one label) averaged over the batch's rows
 
     def required_columns(self) -> dict[str, str]:
         d = self.data
