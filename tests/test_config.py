@@ -103,3 +103,21 @@ def test_config_hash_ignores_logging_but_not_lr():
     a = load_config(None)
     assert a.config_hash() == load_config(None, ["logging.every_steps=3"]).config_hash()
     assert a.config_hash() != load_config(None, ["train.lr=1e-5"]).config_hash()
+
+
+def test_stop_at_needs_periodic_evaluations_and_a_reachable_value():
+    cfg = load_config(None, ["eval.every_steps=5", "eval.stop_at=0.84"])
+    assert cfg.eval.stop_at == pytest.approx(0.84)
+    assert load_config(None, ["eval.every_steps=5", "eval.metric=loss", "eval.stop_at=0.3"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.every_steps=null", "eval.stop_at=84"])
+    assert e.value.problems == [
+        "eval.stop_at=84 is checked at periodic evaluations: set eval.every_steps",
+        "eval.stop_at=84 can never be reached: accuracy is a fraction in [0, 1] "
+        "(eval.stop_at=0.84 for 84 %)",
+    ]
+    for bad, says in (("high", "eval.stop_at='high'"), (".nan", "eval.stop_at=nan")):
+        with pytest.raises(ConfigError, match=f"^{says}"):
+            load_config(None, ["eval.every_steps=5", f"eval.stop_at={bad}"])
+    with pytest.raises(ConfigError, match="eval.stop_at=-0.1 can never be reached: loss is >= 0"):
+        load_config(None, ["eval.every_steps=5", "eval.metric=loss", "eval.stop_at=-0.1"])

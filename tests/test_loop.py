@@ -128,3 +128,29 @@ def test_resume_from_another_runs_checkpoint_finishes_and_exports_it(tmp_path):
     assert (d / "final" / "model.safetensors").read_bytes() == (
         src / "final" / "model.safetensors"
     ).read_bytes()
+
+
+def test_stop_at_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path):
+    """eval.stop_at on the eval loss every 2 steps: a target never reached (loss ≤ 0) runs to
+    the end and gives the curve; the target set to one point of that curve stops the same
+    trajectory at the first evaluation at or below it, which finishes as a normal run (final
+    evaluation, checkpoint, export) and records the step, time and value; run again, it trains
+    no further."""
+    sets = ("eval.every_steps=2", "eval.metric=loss", "checkpoint.every_steps=null")
+    d, full = _run(tmp_path, "never", *sets, "eval.stop_at=0")
+    assert full["steps"] == 12 and full["stop_at"] == {"target": 0.0, "reached": None}
+    curve = {x["step"]: x["loss"] for x in read_jsonl(d / "metrics.jsonl") if x["kind"] == "eval"}
+    assert sorted(curve) == [2, 4, 6, 8, 10, 12]
+    target = curve[8]
+    expected = min(s for s in (2, 4, 6, 8) if curve[s] <= target)
+    d, r = _run(tmp_path, "target", *sets, f"eval.stop_at={target!r}")
+    hit = r["stop_at"]["reached"]
+    assert r["steps"] == expected and hit["step"] == expected and not r["stopped_early"]
+    assert hit["value"] == pytest.approx(curve[expected], abs=1e-6)
+    assert hit["seconds_since_launch"] > 0
+    evals = [x["step"] for x in read_jsonl(d / "metrics.jsonl") if x["kind"] == "eval"]
+    assert evals == [*range(2, expected + 1, 2), expected]  # periodic ones, then the final
+    assert r["validation"]["loss"] == pytest.approx(curve[expected], abs=1e-6)
+    assert (d / "checkpoints" / f"step_{expected:08d}").is_dir() and (d / "final").is_dir()
+    _, again = _run(tmp_path, "target", *sets, f"eval.stop_at={target!r}")
+    assert again["steps"] == expected and again["stop_at"]["reached"] == hit

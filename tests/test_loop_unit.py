@@ -30,3 +30,11 @@ def test_trainer_state_round_trips_through_json():
     )
     d = json.loads(json.dumps(s.as_dict(epoch=0, world=2, global_batch=64)))
     assert TrainerState.from_dict(d) == s
+
+
+def test_a_target_is_reached_at_or_past_it_in_the_metrics_direction():
+    from trainer.evaluate import reaches
+
+    assert reaches(0.84, 0.84, "max") and reaches(0.85, 0.84, "max")
+    assert not reaches(0.8399, 0.84, "max")
+    assert reaches(0.30, 0.30, "min") and not reaches(0.31, 0.30, "min")

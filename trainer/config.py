@@ -234,6 +234,13 @@ class EvalConfig(_Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after N evaluations without improvement"
     )
+    stop_at: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="Stop at the first evaluation whose eval.metric reaches this value (>= where "
+        "larger is better, <= for losses), then finish as an early stop does; results.json "
+        "records the step, seconds since launch and value",
+    )
     micro_batch_size: int | None = Field(
         None,
         ge=1,
@@ -422,6 +429,7 @@ class RunConfig(_Section):
             )
         if self.eval.mode is not None and self.eval.metric is None:
             problems.append("eval.mode is set but eval.metric is not")
+        problems += self._stop_at_problems()
         for sig in self.launch.preemption_signals:
             if sig not in {"SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGCONT"}:
                 problems.append(
@@ -430,6 +438,27 @@ class RunConfig(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _stop_at_problems(self) -> list[str]:
+        """eval.stop_at: checked at periodic evaluations, and reachable by its metric (every
+        metric a task maximises is a fraction: 84 for 0.84 is the mistake to catch)."""
+        target = self.eval.stop_at
+        if target is None:
+            return []
+        metric, _ = self.eval_metric()
+        problems = []
+        if not self.eval.every_steps:
+            problems.append(
+                f"eval.stop_at={target:g} is checked at periodic evaluations: set eval.every_steps"
+            )
+        if metric in self.task_class().maximize and not 0 <= target <= 1:
+            hint = f" (eval.stop_at={target / 100:g} for {target:g} %)" if 1 < target <= 100 else ""
+            problems.append(
+                f"eval.stop_at={target:g} can never be reached: {metric} is a fraction in [0, 1]{hint}"
+            )
+        elif target < 0:
+            problems.append(f"eval.stop_at={target:g} can never be reached: {metric} is >= 0")
+        return problems
 
     # -- derived values -----------------------------------------------------------------
     def task_class(self):

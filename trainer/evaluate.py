@@ -2,17 +2,19 @@
 
 The task decides what a batch contributes (``Task.evaluation``: ``update`` / ``compute``);
 this module owns the cadence, the sharding over ranks (every sample counted exactly once,
-ZeRO-3 ranks in lock step) and early stopping.
+ZeRO-3 ranks in lock step), early stopping and the stop at a target (``eval.stop_at``).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
 from .config import RunConfig
 from .data import eval_loader
+from .startup import CLOCK
 from .tasks import EvalResult, LabelInfo, Task
 
 
@@ -33,6 +35,11 @@ def track_best(
             state.stopped_early = True
 
 
+def reaches(value: float, target: float, mode: str) -> bool:
+    """Whether ``value`` is at or past ``target`` in the metric's direction."""
+    return value >= target if mode == "max" else value <= target
+
+
 class Evaluator:
     def __init__(
         self,
@@ -49,6 +56,7 @@ class Evaluator:
         self.task, self.engine, self.labels = task, engine, labels
         self.every = cfg.eval.every_steps
         self.patience = cfg.eval.early_stopping_patience
+        self.stop_at = cfg.eval.stop_at
         self.metric, self.mode = cfg.eval_metric()
         # an eval forward keeps no activations for backward: the training micro batch fits
         micro = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
@@ -82,4 +90,15 @@ class Evaluator:
         return acc.compute()
 
     def track(self, state, result: EvalResult, step: int, final: bool = False) -> None:
-        track_best(state, result.metrics[self.metric], step, self.mode, self.patience, final)
+        """The best step, early stopping, and the first evaluation at ``eval.stop_at``: its
+        step, seconds since launch (the clock of ``trainer.startup``: the launcher's start
+        under ``zerotune train``) and value, kept on ``state`` (a checkpoint carries it)."""
+        value = result.metrics[self.metric]
+        track_best(state, value, step, self.mode, self.patience, final)
+        if (
+            self.stop_at is not None
+            and state.target_reached is None
+            and reaches(value, self.stop_at, self.mode)
+        ):
+            seconds = round(time.time() - CLOCK.launched, 3)
+            state.target_reached = {"step": step, "seconds_since_launch": seconds, "value": value}

@@ -80,6 +80,8 @@ class TrainerState:
     acc_steps: int = 0
     acc_tokens: int = 0
     stopped_early: bool = False
+    # eval.stop_at: the first evaluation that reached it {step, seconds_since_launch, value}
+    target_reached: dict[str, float] | None = None
     # steps whose loss or gradients were NaN / inf on some rank, skipped (trainer/nonfinite.py)
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
@@ -326,7 +328,7 @@ class Trainer:
         engine.train()
         self.profiler.start(state.step)
         metric = None  # of an evaluation at this step: the checkpoint's score for keep_best
-        while state.step < self.total and not state.stopped_early:
+        while state.step < self.total and not (state.stopped_early or state.target_reached):
             beat("step", state.step + 1)  # the watchdog's phase marker: one attribute write
             # model states are measured in one step: the second of this process (optimizer
             # state exists by then), or the only one
@@ -375,6 +377,7 @@ class Trainer:
                 self.sinks.log(state.step, ev.metrics, "eval")
                 self.evaluator.track(state, ev, state.step)
                 metric = ev.metrics[self.evaluator.metric]
+                self.step_log.event("eval", step=state.step, value=metric)
             if self.ckpts.should_save(state.step, last, preempted):
                 self._save(metric)
             if preempted:
@@ -390,7 +393,20 @@ class Trainer:
                     f"for {state.bad_evals} evaluations"
                 )
                 break
+            if state.target_reached:
+                self._target_reached()
+                break
         return ExitCode.DONE
+
+    def _target_reached(self) -> None:
+        hit = self.state.target_reached
+        self.step_log.event("target", **hit)
+        sign = ">=" if self.evaluator.mode == "max" else "<="
+        self.log(
+            f"target reached at step {hit['step']}: {self.evaluator.metric} {hit['value']:.4f} "
+            f"{sign} eval.stop_at={self.cfg.eval.stop_at}, {hit['seconds_since_launch']:.1f} s "
+            "after launch; finishing"
+        )
 
     def _first_step_done(self) -> None:
         """The start-up breakdown, complete with this process's first optimizer step: into
@@ -579,6 +595,9 @@ class Trainer:
             "steps": state.step,
             "total_steps": self.total,
             "stopped_early": state.stopped_early,
+            "stop_at": None
+            if self.cfg.eval.stop_at is None
+            else {"target": self.cfg.eval.stop_at, "reached": state.target_reached},
             "samples_seen": state.samples_seen,
             "tokens_seen": state.tokens_seen,
             "validation": final.metrics,

@@ -57,6 +57,7 @@ HARMLESS = (
     "eval.every_steps",
     "eval.micro_batch_size",
     "eval.early_stopping_patience",
+    "eval.stop_at",
     "train.max_steps",
     "train.epochs",
     "train.on_nonfinite",
