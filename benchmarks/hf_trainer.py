@@ -14,6 +14,15 @@ token-count normalisation Trainer applies to models that take loss kwargs), then
 ``evaluate()`` on the validation split and one DeepSpeed checkpoint. Everything else is
 Trainer's own: its loop, accelerate's DeepSpeed wrapping, its callbacks.
 
+To a target (the config's ``eval.stop_at``, set by ``compare.py --target-accuracy``): Trainer
+at its defaults but for the hyper-parameters — its own optimizer (``adamw_torch_fused``,
+same lr / betas / eps / weight decay), its ``DataLoader`` settings (no workers), its
+checkpoint cadence (``save_steps`` 500), its evaluation loop every ``eval.every_steps``
+(``eval_strategy="steps"``, accuracy from ``compute_metrics``, zerotune's eval batch size);
+still the same schedule and samples per step, so both trajectories match. A callback
+records each evaluation (``eval`` events of the step log) and stops training at the first
+that reaches the target (a ``target`` event), as ``eval.stop_at`` stops zerotune.
+
 On a CPU host accelerate's state is built on gloo first (``PartialState(backend="gloo")``
 with ``ACCELERATE_USE_DEEPSPEED=true``, used through ``accelerator_config=
 {"use_configured_state": True}``); without it Trainer sees one process and rejects the batch
@@ -43,6 +52,7 @@ def main() -> None:
 
     from trainer.config import load_config
     from trainer.data import GlobalBatchPlan, StepBatchSampler
+    from trainer.evaluate import reaches
     from trainer.models import build_model
     from trainer.steplog import StepLog
     from trainer.tasks import Collator, LabelInfo, build_task
@@ -69,12 +79,16 @@ def main() -> None:
     ds_config = json.loads(Path(args.ds_config).read_text())
     accum = ds_config["gradient_accumulation_steps"]
     collate = Collator(tokenizer.pad_token_id, pad_labels=False)
+    target = cfg.eval.stop_at  # compare.py --target-accuracy: Trainer's defaults, to a target
+    workers = {} if target is not None else {"num_workers": 1, "prefetch_factor": 2}
 
     class SameWorkTrainer(Trainer):
         step_loss = None
         step_tokens = 0
 
         def create_optimizer(self, model=None):
+            if target is not None:
+                return super().create_optimizer(model)  # its default: adamw_torch_fused
             if self.optimizer is None:
                 self.optimizer = adamw(self.model, t)
             return self.optimizer
@@ -95,10 +109,9 @@ def main() -> None:
                 splits["train"],
                 batch_sampler=sampler,
                 collate_fn=collate,
-                num_workers=1,
-                prefetch_factor=2,
-                multiprocessing_context="fork",
+                multiprocessing_context="fork" if workers else None,
                 pin_memory=on_gpu,
+                **workers,
             )
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -118,6 +131,30 @@ def main() -> None:
             log.record(state.global_step, seconds, float(hf.step_loss), hf.step_tokens)
             hf.step_loss, hf.step_tokens = None, 0
 
+    metric, mode = cfg.eval_metric()
+
+    class StopAtTarget(TrainerCallback):
+        """Each evaluation into the step log; training stops at the first that reaches the
+        target (``trainer.evaluate.reaches``: ≥, or ≤ for a loss)."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            value = metrics[f"eval_{metric}"]
+            log.event("eval", step=state.global_step, value=value)
+            if target is not None and reaches(value, target, mode):
+                log.event("target", step=state.global_step, value=value)
+                control.should_training_stop = True
+
+    to_target = (
+        {"eval_strategy": "steps", "eval_steps": cfg.eval.every_steps}
+        if target is not None
+        else {
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "logging_strategy": "no",
+            "disable_tqdm": True,
+            "dataloader_num_workers": 1,
+        }
+    )
     targs = TrainingArguments(
         output_dir=str(Path(args.out) / "hf"),
         per_device_train_batch_size=t.micro_batch_size,
@@ -135,13 +172,9 @@ def main() -> None:
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
         deepspeed=ds_config,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
         report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=1,
         accelerator_config={"use_configured_state": True},
+        **to_target,
     )
     hf = SameWorkTrainer(
         model=model,
@@ -149,7 +182,7 @@ def main() -> None:
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
         data_collator=collate,
-        callbacks=[StepTimes()],
+        callbacks=[StepTimes(), StopAtTarget()],
         compute_metrics=lambda p: {
             "accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())
         },

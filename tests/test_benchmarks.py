@@ -132,3 +132,74 @@ def test_gpu_mfu_dry_run_trains_the_llama_path_and_prints_mfu(tmp_path, cache_di
     assert results["steps"] == 6 and env_json["batch"]["global"] == 8
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "builtin:tiny-llama" in config and "precision: bf16" in config
+
+
+def _to_target(evals: list[tuple[int, float, float]], hit: int | None) -> dict:
+    """Rank-0 records of a run to a target: steps 1-6 end at t = 99 + step; ``evals`` are
+    (step, end time, accuracy); ``hit`` the step of the target event."""
+    r = _run([300] * 6, [0.7] * 6)
+    r["evals"] = [{"event": "eval", "step": s, "t": t, "value": v} for s, t, v in evals]
+    values = {s: v for s, _, v in evals}
+    r["events"] = [{"target": {"step": hit, "value": values[hit]}} if hit else {}]
+    return r
+
+
+def test_target_figures_time_the_evaluation_that_reached_it():
+    """Launch (90) → the end of the evaluation at the target step; the seconds in evaluations
+    up to it, each from its step's end; a later evaluation (Trainer's final evaluate) left out."""
+    compare = _compare()
+    evals = [(2, 101.5, 0.6), (4, 103.75, 0.85), (6, 106.0, 0.86)]
+    f = compare.target_figures(_to_target(evals, hit=4), warmup=1)
+    assert f["to_target_s"] == pytest.approx(13.75) and f["steps"] == 4 and f["value"] == 0.85
+    assert f["eval_s"] == pytest.approx(0.5 + 0.75) and f["evaluations"] == 2
+    assert f["step_s"] == pytest.approx(0.9) and f["total_s"] == pytest.approx(30.0)
+    missed = compare.target_figures(_to_target(evals[:1], hit=None), warmup=1)
+    assert missed["steps"] is None and missed["to_target_s"] is None and missed["value"] == 0.6
+    assert "target NOT reached (best 0.6)" in compare.shown(missed)
+
+
+def test_sameness_to_a_target_compares_the_steps_both_ran():
+    compare = _compare()
+    z, t = _run([300, 310, 305], [0.7] * 3), _run([300, 310], [0.7] * 2)
+    assert compare.sameness(z, t, "trainer", 1e-4, ref_name="zerotune", prefix=True) == []
+    t = _run([300, 312], [0.7] * 2)
+    assert compare.sameness(z, t, "trainer", 1e-4, ref_name="zerotune", prefix=True)[0] == (
+        "trainer rank 0: step 2 has [312] tokens, zerotune [310]"
+    )
+
+
+@pytest.mark.slow
+def test_compare_to_a_target_stops_both_at_the_same_evaluation(tmp_path, cache_dir):
+    """The demo to accuracy 0.9, evaluated every 10 steps: zerotune (eval.stop_at) and Trainer
+    (its callback) stop at the same first evaluation ≥ 0.9, with the same value, long before
+    --max-steps; the zerotune run's results.json says when."""
+    contenders = ["zerotune"]
+    if importlib.util.find_spec("accelerate") is not None:
+        contenders.append("trainer")
+    args = ["--model", "demo", "--repeats", "1", "--target-accuracy", "0.9", "--eval-every"]
+    args += ["10", "--max-steps", "80", "--micro", "32", "--global-batch", "64"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args]
+        + ["--out", str(tmp_path), "--contenders", ",".join(contenders)],
+        env=base_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "same work: equal tokens at every step both ran" in proc.stdout
+    s = json.loads((tmp_path / "summary.json").read_text())
+    figs = {n: s["figures"][n][0] for n in contenders}
+    steps = {f["steps"] for f in figs.values()}
+    (step,) = steps  # the same for both
+    assert step % 10 == 0 and 10 < step < 80
+    assert len({f["value"] for f in figs.values()}) == 1 and figs["zerotune"]["value"] >= 0.9
+    for f in figs.values():
+        assert f["evaluations"] == step // 10 and 0 < f["eval_s"] < f["to_target_s"] < f["total_s"]
+    r = json.loads((tmp_path / "repeat0" / "zerotune" / "results.json").read_text())
+    assert r["steps"] == step and r["stop_at"]["reached"]["step"] == step
+    if "trainer" in contenders:
+        assert s["trainer_over_zerotune"] == pytest.approx(
+            figs["trainer"]["to_target_s"] / figs["zerotune"]["to_target_s"]
+        )
+        assert "launch → target, Trainer / zerotune" in proc.stdout
