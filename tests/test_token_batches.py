@@ -226,7 +226,8 @@ def _losses(d: Path) -> dict[int, float]:
 def test_token_balanced_steps_equal_the_plain_ones(tmp_path, cache):
     """Without dropout the logged losses of 3 steps (the mean over each step's samples, then
     the weights that the step's gradients gave) equal the plain run's at ZeRO-2 on 2 ranks,
-    with 1 rank (accumulation 4) and with the DDP engine; the tokens counted are the same."""
+    with 1 rank (accumulation 4) and with the DDP engine; the samples and tokens counted are
+    the same."""
     sets = ("train.max_steps=3", "model.dropout=0")
     plain, p = _run(tmp_path, cache, "plain", *sets)
     by_tokens = ("data.batch_by_tokens=true", *sets)
@@ -242,6 +243,10 @@ def test_token_balanced_steps_equal_the_plain_ones(tmp_path, cache):
         print(f"{name}: |Δ loss| {gaps}")
         assert max(gaps) < 1e-5, name
         assert r["tokens_seen"] == p["tokens_seen"]
+        # throughput counts what the ranks ran, however the step's samples were split
+        timed, ref_timed = r["throughput"], p["throughput"]
+        assert timed["samples_per_step"] == ref_timed["samples_per_step"] == 64
+        assert timed["tokens_per_step"] == ref_timed["tokens_per_step"]
 
 
 @pytest.mark.slow  # three in-process runs of 6-12 steps: kept out of the fast tier
