@@ -127,21 +127,24 @@ def cmd_train(args) -> int:
     from trainer.rundir import refuse_if_in_use
     from trainer.startup import LAUNCHED_AT, process_created
 
-    from .preflight import check
+    from .overlap import train_gated
+    from .preflight import check_data_into, check_settings
 
     # the ranks' start-up breakdown (env.json startup_s) counts from this process's start
     os.environ[LAUNCHED_AT] = repr(process_created())
 
     refuse_if_in_use(run_dir)  # at once, before the pre-flight reads data
-    pf = check(
+    pf = check_settings(
         args.config, args.overrides, args.nproc_per_node, run_dir=run_dir, resume=args.resume
     )
-    if pf.problems:
+    if pf.problems:  # no rank starts; the data's problems are reported with these
+        check_data_into(pf)
         return report_config_error(ConfigError(pf.problems))
-    pf.print_notes()
-    lock = own_run_dir(run_dir, pf, args.resume)
-    try:
-        code = spawn(
+
+    # the ranks start now and wait for the data checks and the run directory's lock
+    # (launcher/overlap.py)
+    def spawn_ranks() -> ExitCode:
+        return spawn(
             args.config,
             args.overrides,
             pf.nproc_per_node,
@@ -149,32 +152,13 @@ def cmd_train(args) -> int:
             args.resume,
             pf.cfg.launch.preemption_signals,
         )
-    finally:
-        lock.release()
+
+    code = train_gated(pf, run_dir, args.resume, spawn_ranks)  # or the pre-flight's ConfigError
     # the ranks are gone and the last line is out: the interpreter's teardown of the agent
     # (its store's C++ threads) would add seconds before the exit code reaches the shell
     from trainer.process import exit_process
 
     exit_process(code)
-
-
-def own_run_dir(run_dir: Path, pf, resume: str):
-    """Before ranks spawn: the run directory's lock (a second run on it is refused, naming
-    this one) and the refusal to resume it with a config that changes the run; the ranks
-    are told the lock is held for them (trainer/rundir.py)."""
-    from trainer.rundir import HELD_ENV, check_resume_config, lock_for_launcher
-
-    lock = lock_for_launcher(run_dir)
-    try:
-        check_resume_config(run_dir, pf.cfg, resume, pf.plan.global_batch if pf.plan else None)
-    except ConfigError:
-        lock.release(refused=True)
-        raise
-    note = lock.takeover_note()
-    if note:
-        print(f"zerotune: note: {note}", file=sys.stderr)
-    os.environ[HELD_ENV] = str(os.getpid())
-    return lock
 
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate}

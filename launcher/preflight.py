@@ -79,12 +79,26 @@ def check(
     ``job_gpus``: GPUs per node of a job that runs elsewhere (``zerotune submit``): the
     device checks then use the job's GPUs, not this machine's. ``run_dir`` / ``resume``:
     where the run will write and what it resumes, checked without writing anything.
+    ``check_data=False``: the settings only (``check_data_into`` adds the rest later).
     """
-    cfg = load_config(config, overrides)
+    pf = check_settings(config, overrides, nproc, nnodes, job_gpus, run_dir, resume)
     if check_data:
-        from trainer.process import quiet_libraries
+        check_data_into(pf)
+    return pf
 
-        quiet_libraries()
+
+def check_settings(
+    config: str | None,
+    overrides: list[str],
+    nproc: str | int | None = None,
+    nnodes: int = 1,
+    job_gpus: int | None = None,
+    run_dir: Path | None = None,
+    resume: str | None = None,
+) -> Preflight:
+    """The checks that need no data, the tokenizer or the model: fractions of a second once
+    the config is loaded (``zerotune train`` makes these before any rank starts)."""
+    cfg = load_config(config, overrides)
     n = resolve_nproc(nproc, cfg)
     world = n * nnodes
     problems: list[str] = []
@@ -122,30 +136,37 @@ def check(
         problems += filter(None, [run_dir_problem(run_dir)])
     if resume is not None:
         problems += filter(None, [resume_problem(resume)])
-    train_rows = None
-    warnings: list[str] = []
-    if check_data:
-        try:
-            train_rows = _check_data(cfg, warnings)
-        except ConfigError as e:
-            problems.extend(e.problems)
-        if train_rows is not None and plan is not None and train_rows < plan.global_batch:
-            carved = "" if cfg.data.validation else " after the validation carve-out"
-            problems.append(
-                f"data.train={cfg.data.train!r} has {train_rows} rows{carved}, fewer than one global "
-                f"batch (train.global_batch_size={plan.global_batch}): lower the batch size or add data"
-            )
     return Preflight(
         cfg=cfg,
         world_size=world,
         nproc_per_node=n,
         plan=plan,
-        train_rows=train_rows,
+        train_rows=None,
         problems=list(dict.fromkeys(problems)),  # the optimizer's problem may come twice
         notes=notes,
         optimizer=optimizer.description,
-        warnings=warnings,
     )
+
+
+def check_data_into(pf: Preflight) -> Preflight:
+    """The data, the tokenizer and the model's config: seconds (imports of datasets and
+    transformers, reading the training file). Adds to ``pf`` what they find."""
+    from trainer.process import quiet_libraries
+
+    quiet_libraries()
+    cfg, plan = pf.cfg, pf.plan
+    try:
+        pf.train_rows = _check_data(cfg, pf.warnings)
+    except ConfigError as e:
+        pf.problems.extend(e.problems)
+    if pf.train_rows is not None and plan is not None and pf.train_rows < plan.global_batch:
+        carved = "" if cfg.data.validation else " after the validation carve-out"
+        pf.problems.append(
+            f"data.train={cfg.data.train!r} has {pf.train_rows} rows{carved}, fewer than one global "
+            f"batch (train.global_batch_size={plan.global_batch}): lower the batch size or add data"
+        )
+    pf.problems = list(dict.fromkeys(pf.problems))
+    return pf
 
 
 def run_dir_problem(run_dir: Path) -> str | None:

@@ -88,17 +88,21 @@ def forward_preemption_signals(signals: list[str]) -> None:
 
 class Interrupts:
     """Ctrl-C at the launcher: the first passes SIGINT on to the ranks, the second kills them
-    (and their loader workers) at once."""
+    (and their loader workers) at once. While ``held`` (the ranks wait at the pre-flight's
+    gate, launcher/overlap.py: nothing written, nothing to stop cleanly) the first kills them
+    too: a rank still starting its interpreter would print a fatal error on SIGINT."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.held = False
 
     def __call__(self, signum, frame) -> None:
         import psutil
 
         self.count += 1
-        sig = signal.SIGINT if self.count == 1 else signal.SIGKILL
-        for child in psutil.Process().children(recursive=self.count > 1):
+        kill = self.count > 1 or self.held
+        sig = signal.SIGKILL if kill else signal.SIGINT
+        for child in psutil.Process().children(recursive=kill):
             with contextlib.suppress(psutil.Error):
                 child.send_signal(sig)
 
@@ -174,7 +178,10 @@ def explain_failure(
     if ExitCode.PREEMPTED in codes:
         saved = f"; checkpoint saved in {run_dir}/checkpoints" if run_dir is not None else ""
         return ExitCode.PREEMPTED, [f"{prog}: preempted{saved} — run the same command to resume"]
-    if codes == {ExitCode.CONFIG}:
+    if ExitCode.CONFIG in codes and all(
+        code == ExitCode.CONFIG or _consequence(code) for code in codes
+    ):  # said once already (a rank, or the pre-flight that stopped the ranks at its gate);
+        # the others lost it as a peer or were ended by the agent once it had exited
         return ExitCode.CONFIG, []
     rank, (code, pid) = min(failures.items(), key=lambda f: (_consequence(f[1][0]), f[0]))
     host = status.get(rank, {}).get("host") or _hostname()

@@ -9,6 +9,9 @@ if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
 from trainer.startup import CLOCK  # noqa: E402
 
 CLOCK.mark("interpreter")  # process creation → here: Python's own start
+from trainer.gate import watch_gate  # noqa: E402
+
+watch_gate()  # under `zerotune train`: a failed pre-flight ends this rank even mid-import
 from trainer.main import main  # noqa: E402
 from trainer.process import exit_process  # noqa: E402
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .gate import GATE_ENV, watch_gate
 from .process import (
     ExitCode,
     add_run_arguments,
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from .preemption import install_interrupt_handler
 
     install_interrupt_handler()  # first: a Ctrl-C during imports or set-up is no traceback either
+    gate = watch_gate()  # under `zerotune train`: its pre-flight's verdict (trainer/gate.py)
     args = build_parser().parse_args(argv)
     from .env import detect_env
 
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
         return run_rank(cfg, env, run_dir, args.resume)
     except (ConfigError, ValueError) as e:
+        try:
+            gate.wait()  # the launcher's pre-flight finds it too: a stop ends us, it says it once
+        except KeyboardInterrupt:
+            return ExitCode.INTERRUPTED
         return report_config_error(e)
     except KeyboardInterrupt:  # before run_rank handles it (config, imports, rendezvous)
         return ExitCode.INTERRUPTED
@@ -61,6 +67,7 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
         env, device = init_distributed(env, cfg.launch.backend, cfg.launch.timeout_minutes)
         CLOCK.mark("process_group")
     except ConfigError as e:  # device binding or backend: before any rank trains
+        watch_gate().wait()  # the pre-flight checks these too: print only past its gate
         # agreed from every rank's record: rank 0 speaks for all; else each for itself
         if not isinstance(e, AgreedConfigError):
             report_config_error(e if env.world_size == 1 else f"rank {env.rank}: {e}")
@@ -85,6 +92,7 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
         from .loop import Trainer
 
         CLOCK.mark("imports")
+        wait_for_preflight()
         code = Trainer(cfg, env, device, run_dir, resume).run()
         orderly = True
         return code
@@ -104,6 +112,15 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
         stop_watchdog()
         if orderly:
             destroy()
+
+
+def wait_for_preflight() -> None:
+    """Under ``zerotune train``: wait until its pre-flight passed and it holds the run
+    directory's lock, before anything is written or read (a failed pre-flight ends this
+    process meanwhile); the wait is its own start-up phase."""
+    if os.environ.get(GATE_ENV):
+        watch_gate().wait()
+        CLOCK.mark("preflight_wait")
 
 
 def _stopped_from_outside(e: BaseException, env, run_dir: Path) -> ExitCode | None:
