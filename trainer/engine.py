@@ -148,8 +148,10 @@ def _weighted(loss: torch.Tensor, batch: dict[str, torch.Tensor], micro: int | N
     loss by ``n / micro``. The engines divide by the accumulation and average over ranks, as
     for equal micro-batches, so the step's loss and gradients are the mean over all its
     samples — the plain run's up to float rounding. ``micro`` None: equal micro-batches."""
+    if micro is None:
+        return loss
     n = batch["input_ids"].shape[0]
-    return loss if micro is None or n == micro else loss * (n / micro)
+    return loss if n == micro else loss * (n / micro)
 
 
 @contextlib.contextmanager
