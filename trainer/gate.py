@@ -26,6 +26,7 @@ and ``wait`` returns at once. Nothing here imports more than the standard librar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ from pathlib import Path
 GATE_ENV = "ZEROTUNE_GATE"
 GO, STOP = "go", "stop"
 LAUNCHER_FILE = "launcher.pid"
+ARRIVED = "arrived."  # + the rank's pid: it has started and watches the gate
 POLL_S = 0.01
 STOPPED_CODE = 2  # ExitCode.CONFIG (not imported: trainer.process is not needed this early)
 ORPHANED_CODE = 1  # ExitCode.FAILED: the launcher is gone; no one reads it
@@ -59,6 +61,16 @@ class Gate:
 
     def close(self) -> None:
         (self.path / STOP).touch()
+
+    def wait_for_ranks(self, n: int, timeout: float) -> int:
+        """Until ``n`` ranks watch the gate (or ``timeout``): the launcher's checks then no
+        longer compete with its own agent for starting them. How many arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            arrived = sum(name.startswith(ARRIVED) for name in os.listdir(self.path))
+            if arrived >= n or time.monotonic() >= deadline:
+                return arrived
+            time.sleep(POLL_S)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -91,6 +103,8 @@ class GateWatch:
             self.opened.set()
             return
         self.launcher = _launcher_pid(self.path)
+        with contextlib.suppress(OSError):  # a removed gate: the watch reads stop at once
+            os.close(os.open(self.path / f"{ARRIVED}{os.getpid()}", os.O_CREAT | os.O_WRONLY))
         threading.Thread(target=self._watch, name="zerotune-gate", daemon=True).start()
 
     def _watch(self) -> None:
