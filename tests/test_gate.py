@@ -83,6 +83,7 @@ def test_a_rank_passes_the_gate_only_when_it_opens_and_counts_the_wait(tmp_path)
         pid = _fork(rank, gate, tmp_path / "err")
         time.sleep(0.5)
         assert not passed.exists(), "a rank went past a gate that was not open"
+        assert gate.wait_for_ranks(1, timeout=0) == 1  # it said it arrived
         gate.open()
         code, _ = _exit_code(pid)
     finally:
