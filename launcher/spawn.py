@@ -228,9 +228,19 @@ def spawn(
     preemption_signals: list[str] = ("SIGTERM", "SIGUSR1"),
 ) -> ExitCode:
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_rank(nproc)))
+    # this process's own handlers come back once the ranks are gone (a caller that lives on:
+    # `zerotune train` refused at the pre-flight's gate inside a test session)
+    names = {*preemption_signals, "SIGINT"}
+    before = {name: signal.getsignal(getattr(signal, name)) for name in names}
     forward_preemption_signals(preemption_signals)
     if "SIGINT" not in preemption_signals:  # else Ctrl-C saves, as the config asks
         INTERRUPTS.install()
-    return run_torchrun(
-        torchrun_args(nproc, "trainer", trainer_args(config, overrides, run_dir, resume)), run_dir
-    )
+    try:
+        return run_torchrun(
+            torchrun_args(nproc, "trainer", trainer_args(config, overrides, run_dir, resume)),
+            run_dir,
+        )
+    finally:
+        for name, handler in before.items():
+            if handler is not None:
+                signal.signal(getattr(signal, name), handler)

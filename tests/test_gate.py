@@ -267,8 +267,11 @@ def test_bad_data_stops_the_started_ranks_one_message_nothing_written(tmp_path, 
     run_dir = tmp_path / "run"
     args = ["train", str(TINY), "--run-dir", str(run_dir), "--set", f"data.train={data}"]
     args += ["--set", "data.text_column=sentence"]
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     code, ranks, elapsed = _train_watching_ranks(args, str(run_dir))
     err = capfd.readouterr().err
+    # the launcher's Ctrl-C and preemption forwarding end with its ranks
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
     print(f"\nrefused through the gate in {elapsed:.2f} s (in-process launcher)")
     assert code == 2, err
     assert len(ranks) == 2, ranks  # the ranks were started beside the pre-flight
