@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def test_a_rank_whose_launcher_is_gone_stops_instead_of_waiting(tmp_path):
             os.close(read_end)
             gate = Gate.create()
             os.write(paths_write, str(gate.path).encode())
+            os.close(paths_write)  # the test reads the path to EOF: the rank must not hold it
             if os.fork() == 0:  # the rank: holds the pipe open while it lives
                 os.environ[GATE_ENV] = str(gate.path)
                 gate_mod._WATCH = None
@@ -147,6 +149,7 @@ def test_a_rank_whose_launcher_is_gone_stops_instead_of_waiting(tmp_path):
         os.waitpid(launcher, 0)
         gone = time.monotonic()
         with os.fdopen(read_end, "rb") as pipe:
+            assert select.select([pipe], [], [], 10)[0], "the orphaned rank still waits"
             assert pipe.read() == b""  # EOF: the rank has exited
         waited = time.monotonic() - gone
         assert read_verdict(gate.path) is None  # no verdict was ever given
