@@ -86,9 +86,7 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(
             activities=activities,
-            schedule=torch.profiler.schedule(
-                wait=0, warmup=1, active=last - first + 1, repeat=1
-            ),
+            schedule=torch.profiler.schedule(wait=0, warmup=1, active=last - first + 1, repeat=1),
             on_trace_ready=self._ready,
         )
         self.prof.start()
