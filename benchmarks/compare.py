@@ -406,6 +406,18 @@ def target_report(a, per: dict[str, list[dict]]) -> tuple[str, float | None]:
     return "\n".join(lines), ratio
 
 
+def target_problems(a, order: list[str], runs: dict[str, list[dict]]) -> list[str]:
+    """Sameness to a target: every run against zerotune's first, over the steps both ran;
+    with a zerotune lever (``--zerotune-set``) that splits a step's samples otherwise over the
+    ranks, every contender is compared over ranks (the reference itself is split so)."""
+    ref, problems = runs["zerotune"][0], []
+    per_rank = not a.zerotune_set
+    for n in order:
+        for r in runs[n]:
+            problems += sameness(ref, r, n, a.loss_tolerance, per_rank, "zerotune", prefix=True)
+    return problems
+
+
 def judge_target(a, order: list[str], runs: dict[str, list[dict]], out: Path) -> int:
     """Exit 1 when a run missed the target or the two did not do the same work (tokens of the
     steps both ran, first losses); else the table."""
@@ -418,11 +430,7 @@ def judge_target(a, order: list[str], runs: dict[str, list[dict]], out: Path) ->
             + " (raise --max-steps or lower --target-accuracy)"
         )
         return 1
-    ref, problems = runs["zerotune"][0], []
-    for n in order:
-        per_rank = not (n == "zerotune" and a.zerotune_set)
-        for r in runs[n]:
-            problems += sameness(ref, r, n, a.loss_tolerance, per_rank, "zerotune", prefix=True)
+    problems = target_problems(a, order, runs)
     text, ratio = target_report(a, per)
     print(text)
     steps = {n: sorted({f["steps"] for f in per[n]}) for n in order}

@@ -168,6 +168,21 @@ def test_sameness_to_a_target_compares_the_steps_both_ran():
     )
 
 
+def test_sameness_to_a_target_with_a_lever_compares_every_contender_over_ranks():
+    """zerotune with data.batch_by_tokens splits a step's samples otherwise over the ranks:
+    Trainer's plain split is the same work when summed over ranks, not rank by rank."""
+    import argparse
+
+    compare = _compare()
+    z = {"steps": [[{"tokens": 162, "loss": 0.9}], [{"tokens": 240, "loss": 0.5}]]}
+    t = {"steps": [[{"tokens": 194, "loss": 0.69}], [{"tokens": 208, "loss": 0.71}]]}
+    runs = {"zerotune": [z], "trainer": [t]}
+    a = argparse.Namespace(loss_tolerance=1e-4, zerotune_set=["data.batch_by_tokens=true"])
+    assert compare.target_problems(a, ["zerotune", "trainer"], runs) == []
+    a.zerotune_set = []  # no lever: rank by rank, and these differ
+    assert len(compare.target_problems(a, ["zerotune", "trainer"], runs)) == 4
+
+
 @pytest.mark.slow
 def test_compare_to_a_target_stops_both_at_the_same_evaluation(tmp_path, cache_dir):
     """The demo to accuracy 0.9, evaluated every 10 steps: zerotune (eval.stop_at) and Trainer
