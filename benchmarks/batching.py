@@ -71,15 +71,9 @@ def config_sets(a: argparse.Namespace) -> tuple[Path, list[str]]:
         "data.batch_by_tokens=true",
         f"data.cache_dir={Path(a.out) / 'cache'}",
     ]
-    if a.model == "demo":
-        return ROOT / "configs" / "demo.yaml", sets
-    data = Path(a.data).resolve()
-    return ROOT / "configs" / "sst2-minilm.yaml", sets + [
-        f"model.name_or_path={a.model}",
-        f"data.train={data / 'train.tsv'}",
-        f"data.validation={data / 'dev.tsv'}",
-        f"data.max_length={a.max_length}",
-    ]
+    from compare import model_and_data  # benchmarks/ is this script's folder: importable
+
+    return model_and_data(a, sets)
 
 
 def load(a: argparse.Namespace):

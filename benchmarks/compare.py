@@ -144,6 +144,12 @@ def overrides(a: argparse.Namespace) -> tuple[Path, list[str]]:
             f"eval.stop_at={a.target_accuracy}",
             "checkpoint.every_steps=500",
         ]
+    return model_and_data(a, sets)
+
+
+def model_and_data(a: argparse.Namespace, sets: list[str]) -> tuple[Path, list[str]]:
+    """(base config, ``sets`` + the model and data keys): the demo config, or the SST-2
+    config with ``a.model`` on ``a.data``'s train / dev files (also benchmarks/batching.py)."""
     if a.model == "demo":
         return ROOT / "configs" / "demo.yaml", sets
     data = Path(a.data).resolve()

@@ -72,6 +72,23 @@ def zerotune(
     )
 
 
+def train_tiny(run_dir: str, cache: str, overrides: list[str], resume: str = "auto") -> int:
+    """One rank of a run of the tiny config, in this process (``run_distributed(train_tiny,
+    world, run_dir, cache, overrides)``): TensorBoard off, the data cache shared."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.env import detect_env
+    from trainer.loop import Trainer
+    from trainer.process import quiet_libraries
+
+    quiet_libraries()
+    sets = [f"data.cache_dir={cache}", "logging.tensorboard=false", *overrides]
+    cfg = load_config(TINY, sets)
+    env = detect_env(os.environ)
+    return int(Trainer(cfg, env, torch.device("cpu"), Path(run_dir), resume).run())
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -9,14 +9,15 @@ ranks with real DeepSpeed engines (tests/multirank.py)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from multirank import run_distributed
 
-from conftest import TINY, read_jsonl
+from conftest import TINY, read_jsonl, train_tiny
+
+SETS = ["data.group_by_length=true", "eval.every_steps=6", "checkpoint.every_steps=6"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,30 +108,10 @@ def test_deterministic_and_world_size_free(lengths):
 # ---- the real loop ------------------------------------------------------------------------
 
 
-def _train(run_dir: str, cache: str, overrides: list[str]) -> int:
-    from trainer.config import load_config
-    from trainer.env import detect_env
-    from trainer.loop import Trainer
-    from trainer.process import quiet_libraries
-
-    quiet_libraries()
-    sets = [
-        f"data.cache_dir={cache}",
-        "data.group_by_length=true",
-        "eval.every_steps=6",
-        "checkpoint.every_steps=6",
-        "logging.tensorboard=false",
-        *overrides,
-    ]
-    cfg = load_config(TINY, sets)
-    env = detect_env(os.environ)
-    return int(Trainer(cfg, env, torch.device("cpu"), Path(run_dir), "auto").run())
-
-
 def _run(tmp_path, name: str, *overrides: str, world: int = 2) -> tuple[Path, dict]:
     d = tmp_path / name
     codes = run_distributed(
-        _train, world, str(d), str(tmp_path / "cache"), list(overrides), timeout=300
+        train_tiny, world, str(d), str(tmp_path / "cache"), [*SETS, *overrides], timeout=300
     )
     assert codes == [0] * world
     return d, json.loads((d / "results.json").read_text())

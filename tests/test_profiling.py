@@ -4,39 +4,24 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
-import torch
 from multirank import run_distributed
 
-from conftest import TINY
+from conftest import TINY, train_tiny
 
-
-def _train(run_dir: str, cache: str, overrides: list[str]) -> int:
-    from trainer.config import load_config
-    from trainer.env import detect_env
-    from trainer.loop import Trainer
-    from trainer.process import quiet_libraries
-
-    quiet_libraries()
-    sets = [
-        f"data.cache_dir={cache}",
-        "train.max_steps=7",
-        "eval.every_steps=100",
-        "checkpoint.every_steps=100",
-        "logging.tensorboard=false",
-        *overrides,
-    ]
-    cfg = load_config(TINY, sets)
-    return int(Trainer(cfg, detect_env(os.environ), torch.device("cpu"), Path(run_dir)).run())
+SETS = ["train.max_steps=7", "eval.every_steps=100", "checkpoint.every_steps=100"]
 
 
 def test_profile_steps_record_exactly_those_steps_on_every_rank(tmp_path):
     d = tmp_path / "run"
     codes = run_distributed(
-        _train, 2, str(d), str(tmp_path / "cache"), ["logging.profile_steps=4-5"], timeout=300
+        train_tiny,
+        2,
+        str(d),
+        str(tmp_path / "cache"),
+        [*SETS, "logging.profile_steps=4-5"],
+        timeout=300,
     )
     assert codes == [0, 0]
     for rank in (0, 1):

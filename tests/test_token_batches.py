@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 from pathlib import Path
 
@@ -21,7 +20,9 @@ import pytest
 import torch
 from multirank import run_distributed
 
-from conftest import ROOT, TINY, read_jsonl
+from conftest import ROOT, TINY, read_jsonl, train_tiny
+
+SETS = ["eval.every_steps=6", "checkpoint.every_steps=6"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -193,28 +194,9 @@ def test_token_level_task_is_refused_before_any_rank(config, task, capsys, tmp_p
 # ---- the real loop ------------------------------------------------------------------------
 
 
-def _train(run_dir: str, cache: str, overrides: list[str]) -> int:
-    from trainer.config import load_config
-    from trainer.env import detect_env
-    from trainer.loop import Trainer
-    from trainer.process import quiet_libraries
-
-    quiet_libraries()
-    sets = [
-        f"data.cache_dir={cache}",
-        "eval.every_steps=6",
-        "checkpoint.every_steps=6",
-        "logging.tensorboard=false",
-        *overrides,
-    ]
-    cfg = load_config(TINY, sets)
-    env = detect_env(os.environ)
-    return int(Trainer(cfg, env, torch.device("cpu"), Path(run_dir), "auto").run())
-
-
 def _run(tmp_path, cache, name: str, *overrides: str, world: int = 2) -> tuple[Path, dict]:
     d = tmp_path / name
-    codes = run_distributed(_train, world, str(d), str(cache), list(overrides), timeout=300)
+    codes = run_distributed(train_tiny, world, str(d), str(cache), [*SETS, *overrides], timeout=300)
     assert codes == [0] * world
     return d, json.loads((d / "results.json").read_text())
 
