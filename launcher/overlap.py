@@ -75,7 +75,7 @@ class GatedPreflight:
             # the agent (this process's main thread) starts the ranks first: ~0.2 s sooner
             # than with these imports competing for the interpreter
             self.gate.wait_for_ranks(self.pf.nproc_per_node, timeout=RANKS_UP_S)
-            check_data_into(self.pf)
+            check_data_into(self.pf, reuse=True)
             with self._mutex:
                 if self.cancelled:  # the ranks have ended already (Ctrl-C, a crash)
                     return
