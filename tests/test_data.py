@@ -133,3 +133,37 @@ def test_causal_lm_loss_only_on_the_response():
     assert out["labels"][:prompt_len] == [-100] * prompt_len
     assert out["labels"][prompt_len:] == out["input_ids"][prompt_len:]
     assert out["input_ids"][-1] == tok.eos_token_id
+
+
+class _HookIn:
+    """A dataset whose every item says whether the worker reading it has the quiet hook."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> bool:
+        import sys
+
+        from trainer.data import quiet_lost_rank
+
+        return sys.excepthook is quiet_lost_rank
+
+
+def test_a_loader_worker_is_quiet_about_a_rank_gone_mid_transfer_only(capsys):
+    """A worker's fd-passing thread reports through sys.excepthook: a connection its rank
+    dropped (Ctrl-C while a batch was being handed over) prints nothing, other errors print;
+    the hook is installed in real loader workers (CI caught the traceback after Ctrl-C)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from trainer.data import loader_options, quiet_lost_rank
+
+    for kind in (ConnectionResetError, BrokenPipeError, EOFError):
+        quiet_lost_rank(kind, kind("gone"), None)
+    assert capsys.readouterr().err == ""
+    quiet_lost_rank(ValueError, ValueError("a real error"), None)
+    assert "a real error" in capsys.readouterr().err
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [])
+    opts = loader_options(cfg, torch.device("cpu"))
+    assert opts["num_workers"] >= 1
+    assert list(DataLoader(_HookIn(), batch_size=None, **opts)) == [True, True]

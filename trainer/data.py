@@ -617,6 +617,7 @@ def die_with_rank(rank_pid: int, worker_id: int) -> None:
     """A loader worker dies with its rank (Linux ``PR_SET_PDEATHSIG``): a rank killed with
     SIGKILL must not leave workers behind that hold its run-directory lock, files and sockets
     for seconds, or print tracebacks from their broken pipes after the launcher's last lines."""
+    sys.excepthook = quiet_lost_rank
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -627,6 +628,18 @@ def die_with_rank(rank_pid: int, worker_id: int) -> None:
         return
     if os.getppid() != rank_pid:  # the rank died before the request took effect
         os._exit(0)
+
+
+def quiet_lost_rank(kind, value, tb) -> None:
+    """A loader worker's ``sys.excepthook``. The worker hands batches to its rank by file
+    descriptor through a server thread (``multiprocessing.resource_sharer``) that reports its
+    errors here; a connection the rank dropped mid-transfer — the rank stopping at Ctrl-C, a
+    preemption or a lost peer — is no error of the worker's, and its traceback would follow
+    the launcher's last line. Anything else is printed as usual (a worker's own errors reach
+    the rank through the DataLoader, not this hook)."""
+    if issubclass(kind, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(kind, value, tb)
 
 
 def train_loader(dataset, sampler: StepBatchSampler, collate, options: dict[str, Any]):
