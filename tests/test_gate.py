@@ -34,9 +34,20 @@ from conftest import ROOT, TINY, base_env
 
 def _fork(fn, gate: Gate | None, err: Path) -> int:
     """``fn()`` in a forked child that is a rank under ``gate``: its stderr goes to ``err``,
-    its exit code is ``fn``'s."""
+    its exit code is ``fn``'s.
+
+    This pytest process has run in-process ranks (gloo groups, torch threads) before: the
+    objects it holds are frozen out of the garbage collector across the fork and the child
+    collects nothing, so the child never finalises a native object it inherited half-copied
+    (CI once saw such a child abort while garbage-collecting)."""
+    import gc
+
+    gc.freeze()
     pid = os.fork()
+    if pid != 0:
+        gc.unfreeze()
     if pid == 0:  # the child
+        gc.disable()
         code = 1
         try:
             fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
