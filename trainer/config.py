@@ -149,6 +149,15 @@ class DataConfig(_Section):
         "an equal split's; the loss stays the step's mean over its samples. Per-sample losses only "
         "(classification); token-level tasks: use group_by_length",
     )
+    length_grouped_steps: int | None = Field(
+        None,
+        ge=2,
+        description="Steps of similar length (transformers' group_by_length mega-batches): every K "
+        "consecutive steps of the epoch's shuffle are pooled, sorted by length and cut into K steps "
+        "again, taken in a seeded random order. Each step keeps its number of samples and each epoch "
+        "every sample once; a step pads little. Changes which samples share a step (the others keep "
+        "the plan's steps); deterministic on every world size, resumes exactly. Trainer uses K=50",
+    )
     packing: bool = Field(
         False,
         description="causal_lm: train on each micro-batch's sequences packed into one row, no padding "

@@ -378,6 +378,8 @@ class GlobalBatchPlan:
         seed: int,
         lengths: Sequence[int] | None = None,
         by_tokens: bool = False,
+        grouped_steps: int | None = None,
+        split_by_length: bool = True,
     ):
         if num_samples < global_batch:
             raise ConfigError(
@@ -390,8 +392,12 @@ class GlobalBatchPlan:
         self.steps_per_epoch = num_samples // global_batch
         self.lengths = lengths  # data.group_by_length: token count of every sample
         self.by_tokens = by_tokens  # data.batch_by_tokens: micro-batches of variable size
+        self.grouped_steps = grouped_steps  # data.length_grouped_steps: steps of similar length
+        self.split_by_length = split_by_length and lengths is not None  # either of the two above
         self._perm_epoch: int | None = None
         self._perm: list[int] = []
+        self._window_key: tuple[int, int] | None = None
+        self._window: list[list[int]] = []
 
     def permutation(self, epoch: int) -> list[int]:
         if self._perm_epoch != epoch:
@@ -406,14 +412,35 @@ class GlobalBatchPlan:
 
     def step_indices(self, step: int) -> list[int]:
         epoch, s = self.position(step)
+        if self.grouped_steps and self.lengths is not None:
+            window = self.grouped_window(epoch, s // self.grouped_steps)
+            return window[s % self.grouped_steps]
         return self.permutation(epoch)[s * self.global_batch : (s + 1) * self.global_batch]
+
+    def grouped_window(self, epoch: int, w: int) -> list[list[int]]:
+        """``data.length_grouped_steps`` (K): the steps ``w*K .. w*K+K-1`` of ``epoch``. Their
+        samples (those the plain plan gives them) sorted longest first, ties by index, cut
+        into steps of ``global_batch`` and shuffled by a generator seeded from (seed, epoch,
+        w): the same on every rank and world size, and a resume recomputes it from the step.
+        The epoch's last window holds the steps that are left (fewer than K)."""
+        if self._window_key != (epoch, w):
+            K, G = self.grouped_steps, self.global_batch
+            k = min(K, self.steps_per_epoch - w * K)
+            pool = self.permutation(epoch)[w * K * G : (w * K + k) * G]
+            pool = sorted(pool, key=lambda i: (-self.lengths[i], i))
+            steps = [pool[j * G : (j + 1) * G] for j in range(k)]
+            mix = ((self.seed * 1_000_003 + epoch) * 1_000_003 + w) % (1 << 63)
+            order = torch.randperm(k, generator=torch.Generator().manual_seed(mix)).tolist()
+            self._window = [steps[j] for j in order]
+            self._window_key = (epoch, w)
+        return self._window
 
     def micro_batches(self, step: int, rank: int, world: int, micro: int) -> list[list[int]]:
         idx = self.step_indices(step)
         accum = self.global_batch // (micro * world)
-        if self.lengths is not None and self.by_tokens:
+        if self.split_by_length and self.by_tokens:
             return batch_by_tokens(idx, self.lengths, step, rank, world, accum)
-        if self.lengths is not None:
+        if self.split_by_length:
             return group_by_length(idx, self.lengths, step, rank, world, micro, accum)
         return [
             idx[(m * world + rank) * micro : (m * world + rank + 1) * micro] for m in range(accum)
@@ -422,10 +449,15 @@ class GlobalBatchPlan:
 
 def build_plan(cfg: RunConfig, train, global_batch: int) -> GlobalBatchPlan:
     """The training split's step-keyed plan, with its samples' lengths where a step's samples
-    are split by length (``data.group_by_length``, ``data.batch_by_tokens``)."""
+    are split by length (``data.group_by_length``, ``data.batch_by_tokens``) or steps are
+    grouped by length (``data.length_grouped_steps``)."""
     d = cfg.data
-    lengths = sample_lengths(train) if d.group_by_length or d.batch_by_tokens else None
-    return GlobalBatchPlan(len(train), global_batch, cfg.train.seed, lengths, d.batch_by_tokens)
+    grouped = d.length_grouped_steps
+    lengths = sample_lengths(train) if d.group_by_length or d.batch_by_tokens or grouped else None
+    split = d.group_by_length or d.batch_by_tokens
+    return GlobalBatchPlan(
+        len(train), global_batch, cfg.train.seed, lengths, d.batch_by_tokens, grouped, split
+    )
 
 
 def group_by_length(
