@@ -35,13 +35,16 @@ loader workers, its evaluation loop at zerotune's eval batch size, checkpoints e
 steps, as zerotune is set to here); ``--zerotune-set`` levers apply to zerotune only.
 Printed: median [min – max] of launch → target (the end of the evaluation that reached
 it), steps to target, accuracy reached, seconds in evaluation, per-step time, total, and
-Trainer / zerotune.
+Trainer / zerotune. A lever that changes which samples form a step
+(``data.length_grouped_steps``) gives zerotune another trajectory: its steps to target are
+then a draw of the seed, so compare over several ``--seed`` values (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -53,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 CONTENDERS = ("zerotune", "floor", "trainer")
+# zerotune levers that change which samples form a step (not only how a step is split)
+PLAN_LEVERS = ("data.length_grouped_steps",)
 # SST-2 dev with all-MiniLM-L6-v2 (lr 5e-5, global 32, dropout 0, 400 steps' schedule): dev
 # accuracy 0.829 at step 125, 0.845 at 150, 0.837 at 175 (measured on 2 CPU ranks). An evaluation
 # (872 sentences) costs ~6 steps: every 50 steps it still stops at 150, after 3 evaluations
@@ -91,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="train.seed (default: the config's)")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S1,S2,...",
+        help="with --target-accuracy: the whole comparison at each train.seed in turn, then the "
+        "ratio of the mean launch → target over seeds (for a lever that changes the trajectory)",
+    )
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
     p.add_argument("--loss-tolerance", type=float, default=1e-4)
@@ -130,7 +143,7 @@ def overrides(a: argparse.Namespace) -> tuple[Path, list[str]]:
         f"model.dropout={a.dropout}",
         "checkpoint.export_final=false",
         f"launch.nproc_per_node={a.nproc}",
-    ]
+    ] + ([f"train.seed={a.seed}"] if a.seed is not None else [])
     if a.target_accuracy is None:
         sets += [
             "eval.every_steps=null",
@@ -393,8 +406,13 @@ def target_report(a, per: dict[str, list[dict]]) -> tuple[str, float | None]:
     lines = [
         f"to accuracy ≥ {a.target_accuracy}: {a.repeats} repeat(s), evaluation every "
         f"{a.eval_every} steps, at most {a.max_steps}, ZeRO {a.zero}, {a.nproc} rank(s), "
-        f"{a.precision}, model {a.model}, dropout {a.dropout} (the same trajectory for both: "
-        "a comparison of speed); median [min – max] over repeats",
+        f"{a.precision}, model {a.model}, dropout {a.dropout}, seed {a.seed or 'of the config'} "
+        + (
+            "(zerotune's steps hold other samples than Trainer's: another trajectory)"
+            if plan_lever(a)
+            else "(the same trajectory for both: a comparison of speed)"
+        )
+        + "; median [min – max] over repeats",
         f"{'':24}" + "".join(f"{n:>28}" for n in names),
     ]
     for key, (label, fmt) in TARGET_FIGURES.items():
@@ -412,15 +430,25 @@ def target_report(a, per: dict[str, list[dict]]) -> tuple[str, float | None]:
     return "\n".join(lines), ratio
 
 
+def plan_lever(a) -> bool:
+    """A zerotune lever that changes which samples form a step (``PLAN_LEVERS``)."""
+    return any(kv.split("=")[0].strip() in PLAN_LEVERS for kv in a.zerotune_set)
+
+
 def target_problems(a, order: list[str], runs: dict[str, list[dict]]) -> list[str]:
     """Sameness to a target: every run against zerotune's first, over the steps both ran;
     with a zerotune lever (``--zerotune-set``) that splits a step's samples otherwise over the
-    ranks, every contender is compared over ranks (the reference itself is split so)."""
-    ref, problems = runs["zerotune"][0], []
-    per_rank = not a.zerotune_set
+    ranks, every contender is compared over ranks (the reference itself is split so). With a
+    lever that changes the steps' samples (``plan_lever``) each contender's repeats are
+    compared with its own first: the same run repeated, another trajectory than Trainer's."""
+    problems = []
+    per_rank = not a.zerotune_set or plan_lever(a)  # a run against its own kind: rank by rank
     for n in order:
+        ref, ref_name = runs["zerotune"][0], "zerotune"
+        if plan_lever(a):
+            ref, ref_name = runs[n][0], f"{n} repeat 0"
         for r in runs[n]:
-            problems += sameness(ref, r, n, a.loss_tolerance, per_rank, "zerotune", prefix=True)
+            problems += sameness(ref, r, n, a.loss_tolerance, per_rank, ref_name, prefix=True)
     return problems
 
 
@@ -450,8 +478,82 @@ def judge_target(a, order: list[str], runs: dict[str, list[dict]], out: Path) ->
     if problems:
         print("compare: NOT the same work:\n  " + "\n  ".join(problems))
         return 1
+    if plan_lever(a):
+        print("same work per contender: its repeats ran equal tokens at every step both ran")
+        return 0
     print(f"same work: equal tokens at every step both ran, first losses within {a.loss_tolerance}")
     return 0
+
+
+def run_all(a, order, config, data, ds_json, env, out: Path, to_target: bool) -> dict:
+    """Every contender ``a.repeats`` times, interleaved (each repeat starts with the next)."""
+    runs: dict[str, list[dict]] = {n: [] for n in order}
+    for rep in range(a.repeats):
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:
+            run = out / f"repeat{rep}" / name
+            r = run_one(name, a, config, data, ds_json, run, env)
+            if name == "zerotune" and not ds_json.exists():
+                ds_json.write_text((run / "deepspeed.json").read_text())
+            runs[name].append(r)
+            if to_target:
+                print(f"repeat {rep} {name:9} {shown(target_figures(r, a.warmup))}", flush=True)
+                continue
+            f = figures(r, a.warmup)
+            print(
+                f"repeat {rep} {name:9} step {f['step_s']:.3f}s interval {f['interval_s']:.3f}s "
+                f"first step {f['first_step_s']:.1f}s total {f['total_s']:.1f}s",
+                flush=True,
+            )
+    return runs
+
+
+def over_seeds(a, order, config: Path, data, ds_json, env, out: Path) -> int:
+    """``--seeds``: the comparison to a target at each seed (its own config and folder
+    ``seed<S>``), then per seed the steps and median launch → target of each contender, and
+    Trainer / zerotune of their means over the seeds."""
+    from trainer.config import dump_config, load_config
+
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    rows, code = [], 0
+    for seed in seeds:
+        cfg = load_config(config, [f"train.seed={seed}"])
+        folder = out / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(dump_config(cfg))
+        print(f"--- seed {seed}", flush=True)
+        sa = argparse.Namespace(**{**vars(a), "seed": seed})
+        runs = run_all(sa, order, folder / "config.yaml", data, ds_json, env, folder, True)
+        code = max(code, judge_target(sa, order, runs, folder))
+        per = {n: [target_figures(r, a.warmup) for r in runs[n]] for n in order}
+        rows.append((seed, per))
+    lines = [f"to accuracy ≥ {a.target_accuracy} over seeds {seeds}, ZeRO {a.zero}:"]
+    means = {}
+    for n in order:
+        times = [statistics.median(f["to_target_s"] or math.inf for f in per[n]) for _, per in rows]
+        steps = [statistics.median(f["steps"] or math.inf for f in per[n]) for _, per in rows]
+        means[n] = statistics.fmean(times)
+        lines.append(
+            f"  {n:9} steps {[int(x) if x != math.inf else None for x in steps]}, "
+            f"launch → target (s) {[round(x, 1) for x in times]}, mean {means[n]:.1f}"
+        )
+    if "trainer" in means:
+        ratio = means["trainer"] / means["zerotune"]
+        per_seed = [
+            round(
+                statistics.median(f["to_target_s"] or math.inf for f in per["trainer"])
+                / statistics.median(f["to_target_s"] or math.inf for f in per["zerotune"]),
+                2,
+            )
+            for _, per in rows
+        ]
+        lines.append(
+            f"launch → target, Trainer / zerotune: {ratio:.2f}× of the means over seeds "
+            f"(per seed {per_seed}; issue 9 asks ≥ 1.5×)"
+        )
+    text = "\n".join(lines)
+    print(text)
+    (out / "summary_seeds.txt").write_text(text + "\n")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
             f"compare: --target-accuracy {a.target_accuracy} --eval-every {a.eval_every} "
             f"--contenders {a.contenders!r}: a fraction in (0, 1], N ≥ 1, from {CONTENDERS}"
         )
+        return 2
+    if a.seeds is not None and not to_target:
+        print(f"compare: --seeds {a.seeds}: only with --target-accuracy (use --seed otherwise)")
         return 2
     reason = skip_reason(a)
     if reason:
@@ -490,23 +595,9 @@ def main(argv: list[str] | None = None) -> int:
             "compare: zerotune writes the DeepSpeed JSON the others use: keep it in --contenders"
         )
     order = ["zerotune"] + [n for n in names if n != "zerotune"]
-    runs: dict[str, list[dict]] = {n: [] for n in order}
-    for rep in range(a.repeats):
-        for name in order[rep % len(order) :] + order[: rep % len(order)]:
-            run = out / f"repeat{rep}" / name
-            r = run_one(name, a, config, data, ds_json, run, env)
-            if name == "zerotune" and not ds_json.exists():
-                ds_json.write_text((run / "deepspeed.json").read_text())
-            runs[name].append(r)
-            if to_target:
-                print(f"repeat {rep} {name:9} {shown(target_figures(r, a.warmup))}", flush=True)
-                continue
-            f = figures(r, a.warmup)
-            print(
-                f"repeat {rep} {name:9} step {f['step_s']:.3f}s interval {f['interval_s']:.3f}s "
-                f"first step {f['first_step_s']:.1f}s total {f['total_s']:.1f}s",
-                flush=True,
-            )
+    if to_target and a.seeds:
+        return over_seeds(a, order, config, data, ds_json, env, out)
+    runs = run_all(a, order, config, data, ds_json, env, out, to_target)
     if to_target:
         return judge_target(a, order, runs, out)
     ref = runs["floor"][0]

@@ -183,6 +183,25 @@ def test_sameness_to_a_target_with_a_lever_compares_every_contender_over_ranks()
     assert len(compare.target_problems(a, ["zerotune", "trainer"], runs)) == 4
 
 
+def test_a_lever_that_changes_the_steps_compares_each_contender_with_its_own_repeats():
+    """data.length_grouped_steps gives zerotune other samples per step than Trainer: no
+    problem for that, but one where a contender's repeats differ from its first."""
+    import argparse
+
+    compare = _compare()
+    z = [_run([120, 90], [0.9, 0.8]), _run([120, 90], [0.9, 0.8])]
+    t = [_run([300, 310], [0.7, 0.7]), _run([300, 311], [0.7, 0.7])]
+    a = argparse.Namespace(loss_tolerance=1e-4, zerotune_set=["data.length_grouped_steps=10"])
+    assert compare.plan_lever(a)
+    assert compare.target_problems(a, ["zerotune", "trainer"], {"zerotune": z, "trainer": t}) == [
+        f"trainer rank {r}: step 2 has [311] tokens, trainer repeat 0 [310]" for r in (0, 1)
+    ]
+    a.zerotune_set = ["data.batch_by_tokens=true"]  # splits a step otherwise: not a plan lever
+    assert not compare.plan_lever(a)
+    assert compare.target_problems(a, ["zerotune"], {"zerotune": z[:1]}) == []
+    assert compare.main(["--seeds", "1,2"]) == 2  # only to a target
+
+
 @pytest.mark.slow
 def test_compare_to_a_target_stops_both_at_the_same_evaluation(tmp_path, cache_dir):
     """The demo to accuracy 0.9, evaluated every 10 steps: zerotune (eval.stop_at) and Trainer
