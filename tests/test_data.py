@@ -14,7 +14,7 @@ from trainer.data import (
 )
 from trainer.tasks import Collator
 
-from conftest import ROOT
+from conftest import ROOT, read_jsonl
 
 
 @pytest.mark.parametrize("world, micro", [(1, 32), (2, 16), (2, 4), (4, 2), (8, 4)])
@@ -167,3 +167,29 @@ def test_a_loader_worker_is_quiet_about_a_rank_gone_mid_transfer_only(capsys):
     opts = loader_options(cfg, torch.device("cpu"))
     assert opts["num_workers"] >= 1
     assert list(DataLoader(_HookIn(), batch_size=None, **opts)) == [True, True]
+
+
+def _forks_in_a_run(run_dir: str, cache: str, overrides: list[str]) -> int:
+    """One rank of a tiny run (conftest.train_tiny) that counts the processes it forks."""
+    import os
+
+    from conftest import train_tiny
+
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    assert train_tiny(run_dir, cache, overrides) == 0
+    return len(forks)
+
+
+def test_evaluations_fork_no_loader_worker(tmp_path):
+    """Only the training loader forks a worker (once per rank); the 4 evaluations collate in
+    the rank: a fork per evaluation, from a rank with threads running, once left rank 0 stuck
+    for good in CPython's after-fork clean-up (a 2-rank SST-2 run at its 2nd evaluation)."""
+    from multirank import run_distributed
+
+    sets = ["train.max_steps=8", "eval.every_steps=2", "data.num_workers=1"]
+    sets += ["checkpoint.every_steps=null"]
+    forks = run_distributed(_forks_in_a_run, 2, str(tmp_path / "run"), str(tmp_path), sets)
+    assert forks == [1, 1]
+    evals = [x for x in read_jsonl(tmp_path / "run" / "metrics.jsonl") if x["kind"] == "eval"]
+    assert len(evals) >= 4
