@@ -11,6 +11,7 @@ engine bind to.
 
 from __future__ import annotations
 
+import json
 import os
 import types
 from pathlib import Path
@@ -215,13 +216,29 @@ def test_backend_follows_device(on_gpu, requested, expect):
         assert backend_for_device(on_gpu, requested) == expect
 
 
-def _init_with_faked_gpus(port: int, gpus: dict[int, str]) -> dict:
+def _init_with_faked_gpus(port: int, gpus: dict[int, str], slow_rank: int | None = None) -> dict:
     """``init_distributed`` on this rank, as ``trainer.main`` calls it, with a fresh rendezvous.
     Faked: rank r sees one GPU whose UUID is ``gpus[r]`` (``visible_gpu_count``, ``gpu_uuid``);
-    the others see none."""
+    the others see none. ``slow_rank`` reads the records 1.5 s after publishing its own."""
+    import time
+
     import torch.distributed as dist
 
-    dist.destroy_process_group()  # the harness's group: init_distributed makes its own
+    if int(os.environ["RANK"]) == slow_rank:
+        exchange = distributed.exchange_records
+
+        def late(store, record, world_size, timeout):
+            store.set(f"{distributed.DEVICE_KEY}{record['rank']}", json.dumps(record))
+            time.sleep(1.5)  # the others have read everything by now
+            return exchange(store, record, world_size, timeout)
+
+        distributed.exchange_records = late
+
+    # the harness's group: init_distributed makes its own. Both ranks meet first: gloo's
+    # mesh connect is no barrier, and a rank that tore its group down at once closed the
+    # pair a slower peer (a loaded machine) was still connecting ("Connection closed by peer")
+    dist.barrier()
+    dist.destroy_process_group()
     rank = int(os.environ["RANK"])
     os.environ["MASTER_PORT"] = str(port)
     distributed.visible_gpu_count = lambda: 1 if rank in gpus else 0
@@ -258,6 +275,15 @@ def test_ranks_that_disagree_on_the_device_stop_together(gpus, expect):
     out = run_distributed(_init_with_faked_gpus, 2, free_port(), gpus, timeout=60)
     assert [r.get("agreed") for r in out] == [True, True], out
     assert out[0]["error"] == out[1]["error"] and expect in out[0]["error"]
+
+
+def test_the_store_host_waits_for_a_slow_rank_to_read_the_agreed_problem():
+    """Rank 0 hosts the rendezvous store (env://): had it left as soon as it raised, rank 1,
+    reading 1.5 s later, would find the store gone (a network error, not the message)."""
+    gpus = {0: "GPU-a", 1: "GPU-a"}
+    out = run_distributed(_init_with_faked_gpus, 2, free_port(), gpus, 1, timeout=60)
+    assert [r.get("agreed") for r in out] == [True, True], out
+    assert "ranks 0 and 1 share one GPU" in out[1]["error"]
 
 
 def test_agreeing_ranks_get_a_gloo_side_group_whatever_the_backend():

@@ -12,6 +12,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ from .env import MASTER_ADDR, MASTER_PORT, DistEnv, detect_env
 LONG_WAIT_TIMEOUT = datetime.timedelta(hours=6)
 _long_group: Any = None  # the side group (made on every rank of a world > 1)
 DEVICE_KEY = "zerotune/device/"  # rendezvous-store keys of the ranks' device records
+READ_KEY = "zerotune/device-records-read"  # how many ranks have read them all
 
 
 # The backend's own timeout is the backstop, a little after the heartbeat watchdog's
@@ -194,6 +196,8 @@ def init_distributed(
         records = exchange_records(store, record, env.world_size, timeout)
     problem = shared_gpu_problem(records)
     if problem:
+        if store is not None:
+            leave_together(store, env.rank, env.world_size, timeout)
         raise (AgreedConfigError if len(records) > 1 else ConfigError)(problem)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -241,6 +245,22 @@ def exchange_records(
     keys = [f"{DEVICE_KEY}{r}" for r in range(world_size)]
     store.wait(keys, timeout)
     return [json.loads(v) for v in store.multi_get(keys)]
+
+
+def leave_together(
+    store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta
+) -> None:
+    """Before ranks that agreed on a problem exit: rank 0 — whose process hosts the
+    rendezvous store under ``env://`` — leaves only once every rank has read the records, so
+    no slower rank finds the store gone mid-read (a network error instead of the agreed
+    message; seen on a loaded machine). The others leave at once: their reads are done."""
+    if world_size == 1:
+        return
+    done = store.add(READ_KEY, 1)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while rank == 0 and done < world_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+        done = store.add(READ_KEY, 0)
 
 
 def init_long_group(timeout: datetime.timedelta = LONG_WAIT_TIMEOUT) -> None:
