@@ -406,7 +406,8 @@ def target_report(a, per: dict[str, list[dict]]) -> tuple[str, float | None]:
     lines = [
         f"to accuracy ≥ {a.target_accuracy}: {a.repeats} repeat(s), evaluation every "
         f"{a.eval_every} steps, at most {a.max_steps}, ZeRO {a.zero}, {a.nproc} rank(s), "
-        f"{a.precision}, model {a.model}, dropout {a.dropout}, seed {a.seed or 'of the config'} "
+        f"{a.precision}, model {a.model}, dropout {a.dropout}, "
+        f"seed {'of the config' if a.seed is None else a.seed} "
         + (
             "(zerotune's steps hold other samples than Trainer's: another trajectory)"
             if plan_lever(a)
@@ -526,29 +527,24 @@ def over_seeds(a, order, config: Path, data, ds_json, env, out: Path) -> int:
         code = max(code, judge_target(sa, order, runs, folder))
         per = {n: [target_figures(r, a.warmup) for r in runs[n]] for n in order}
         rows.append((seed, per))
+
+    def per_seed(n: str, key: str) -> list[float]:  # median over repeats; not reached: inf
+        return [statistics.median(f[key] or math.inf for f in per[n]) for _, per in rows]
+
     lines = [f"to accuracy ≥ {a.target_accuracy} over seeds {seeds}, ZeRO {a.zero}:"]
-    means = {}
+    times = {n: per_seed(n, "to_target_s") for n in order}
     for n in order:
-        times = [statistics.median(f["to_target_s"] or math.inf for f in per[n]) for _, per in rows]
-        steps = [statistics.median(f["steps"] or math.inf for f in per[n]) for _, per in rows]
-        means[n] = statistics.fmean(times)
+        steps = [int(x) if x != math.inf else None for x in per_seed(n, "steps")]
         lines.append(
-            f"  {n:9} steps {[int(x) if x != math.inf else None for x in steps]}, "
-            f"launch → target (s) {[round(x, 1) for x in times]}, mean {means[n]:.1f}"
+            f"  {n:9} steps {steps}, launch → target (s) {[round(x, 1) for x in times[n]]}, "
+            f"mean {statistics.fmean(times[n]):.1f}"
         )
-    if "trainer" in means:
-        ratio = means["trainer"] / means["zerotune"]
-        per_seed = [
-            round(
-                statistics.median(f["to_target_s"] or math.inf for f in per["trainer"])
-                / statistics.median(f["to_target_s"] or math.inf for f in per["zerotune"]),
-                2,
-            )
-            for _, per in rows
-        ]
+    if "trainer" in times:
+        ratio = statistics.fmean(times["trainer"]) / statistics.fmean(times["zerotune"])
+        ratios = [round(t / z, 2) for t, z in zip(times["trainer"], times["zerotune"])]
         lines.append(
             f"launch → target, Trainer / zerotune: {ratio:.2f}× of the means over seeds "
-            f"(per seed {per_seed}; issue 9 asks ≥ 1.5×)"
+            f"(per seed {ratios}; issue 9 asks ≥ 1.5×)"
         )
     text = "\n".join(lines)
     print(text)
