@@ -390,10 +390,11 @@ class GlobalBatchPlan:
         self.global_batch = global_batch
         self.seed = seed
         self.steps_per_epoch = num_samples // global_batch
-        self.lengths = lengths  # data.group_by_length: token count of every sample
+        self.lengths = lengths  # token count of every sample, for the three levers below
         self.by_tokens = by_tokens  # data.batch_by_tokens: micro-batches of variable size
         self.grouped_steps = grouped_steps  # data.length_grouped_steps: steps of similar length
-        self.split_by_length = split_by_length and lengths is not None  # either of the two above
+        # data.group_by_length or data.batch_by_tokens: a step's samples split by length
+        self.split_by_length = split_by_length and lengths is not None
         self._perm_epoch: int | None = None
         self._perm: list[int] = []
         self._window_key: tuple[int, int] | None = None
