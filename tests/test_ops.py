@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -285,3 +286,39 @@ def test_fused_cpu_adamw_steps_cpu_tensors_like_foreach():
             opt.zero_grad()
         weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.allclose(weights[True], weights[False], atol=1e-6)
+
+
+def test_cpu_setup_turns_off_the_shm_op_without_probing_every_op():
+    """On CPU, DeepSpeed's shm-comm op (a 63 s JIT build at init_distributed) is switched off
+    through its table of compatible ops; reading that table first would probe every op by
+    running the compiler (~50 ms at each rank's start). A fresh interpreter: no compiler
+    runs, the table holds the switch, and DeepSpeed's reader builds no shm op."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = """
+import subprocess, sys
+runs = []
+real = subprocess.Popen.__init__
+def counted(self, args, *a, **k):
+    runs.append(args)
+    real(self, args, *a, **k)
+subprocess.Popen.__init__ = counted
+from trainer.distributed import configure_cpu_deepspeed
+configure_cpu_deepspeed()
+import deepspeed.ops
+from deepspeed.comm.torch import build_shm_op
+table = vars(deepspeed.ops)["__compatible_ops__"]
+assert table == {"deepspeed_shm_comm": False}, table
+assert build_shm_op() is None
+assert runs == [], runs
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

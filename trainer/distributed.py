@@ -90,9 +90,16 @@ def configure_cpu_deepspeed(device: torch.device | None = None) -> None:
         # process abort at exit now and then: "terminate called without an active exception")
         import deepspeed.ops
 
-        # the shm-comm op serves the CPU accelerator only (and reading the table probes every op)
+        # The shm-comm op serves the CPU accelerator only. Its entry in DeepSpeed's table of
+        # compatible ops is all that DeepSpeed reads of the table in a training process
+        # (deepspeed/comm/torch.py, with .get(NAME, False)); the table itself is probed lazily
+        # on first access, by running the compiler for every op (~50 ms): set, not probed.
         if not on_gpu:
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            ops = vars(deepspeed.ops)
+            if "__compatible_ops__" in ops:  # probed already (another caller read it)
+                ops["__compatible_ops__"]["deepspeed_shm_comm"] = False
+            else:
+                ops["__compatible_ops__"] = {"deepspeed_shm_comm": False}
     except Exception:  # pragma: no cover - deepspeed missing or layout changed
         pass
 
