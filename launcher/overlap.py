@@ -1,16 +1,18 @@
-"""``zerotune train``: the ranks start while the pre-flight reads the data (issue 9, line 4).
+"""``zerotune train``: the ranks start while the pre-flight decides (issue 9, line 4).
 
 The pre-flight's slow half — importing datasets and transformers, reading the training
 file, the tokenizer and the model's config — and the ranks' own imports and rendezvous
 take seconds each; one after the other they were most of launch → first step's excess over
-a hand-written loop. So ``zerotune train`` checks the settings first (a bad key, batch
-arithmetic, devices, run directory: no rank starts), then starts the ranks and finishes the
-pre-flight beside them in a thread of its own. The ranks wait at a gate
-(``trainer/gate.py``) before they write or read anything:
+a hand-written loop, and side by side on a small machine they compete for its cores with the
+same imports twice. So ``zerotune train`` checks the settings first (a bad key, batch
+arithmetic, devices, run directory: no rank starts), then starts the ranks; rank 0 runs the
+data check after its own imports and hands its findings over through the gate
+(``trainer/gate.py``), and the launcher decides in a thread of its own. The ranks wait at
+the gate before they write anything:
 
-* the pre-flight passes → the launcher prints its notes, takes the run directory's lock
+* the data check passed → the launcher prints its notes, takes the run directory's lock
   and refuses a resume that changes the run (``own_run_dir``), then opens the gate;
-* it fails (or the lock is refused) → the gate closes, every rank exits 2 silently, and
+* it failed (or the lock is refused) → the gate closes, every rank exits 2 silently, and
   the launcher prints the pre-flight's one message: exit 2, nothing written, no rank left.
 
 The torchrun agent stays in the main thread (it installs signal handlers). Ctrl-C during
@@ -30,10 +32,8 @@ from trainer.gate import GATE_ENV, Gate
 from trainer.process import ExitCode
 from trainer.rundir import HELD_ENV
 
-from .preflight import Preflight, check_data_into
+from .preflight import Preflight, add_data_findings
 from .spawn import INTERRUPTS
-
-RANKS_UP_S = 5.0  # at most this long the pre-flight waits for the ranks to start first
 
 
 def own_run_dir(run_dir: Path, pf: Preflight, resume: str):
@@ -72,10 +72,11 @@ class GatedPreflight:
 
     def _run(self) -> None:
         try:
-            # the agent (this process's main thread) starts the ranks first: ~0.2 s sooner
-            # than with these imports competing for the interpreter
-            self.gate.wait_for_ranks(self.pf.nproc_per_node, timeout=RANKS_UP_S)
-            check_data_into(self.pf, reuse=True)
+            # rank 0 reads the data after its imports (trainer/main.py); nothing of it here
+            findings = self.gate.wait_for_data_check(lambda: self.cancelled)
+            if findings is None:  # the ranks ended first
+                return
+            add_data_findings(self.pf, findings)
             with self._mutex:
                 if self.cancelled:  # the ranks have ended already (Ctrl-C, a crash)
                     return

@@ -148,27 +148,25 @@ def check_settings(
     )
 
 
-def check_data_into(pf: Preflight, reuse: bool = False) -> Preflight:
-    """The data, the tokenizer and the model's config: seconds (imports of datasets and
-    transformers, reading the training file). Adds to ``pf`` what they find.
+def check_data_into(pf: Preflight) -> Preflight:
+    """The data, the tokenizer and the model's config, read here (``zerotune validate``,
+    ``zerotune submit``, a settings problem's report): seconds, most of them importing
+    datasets and transformers. ``zerotune train`` has its rank 0 run the same check
+    (``trainer.datacheck.data_findings``) and adds its record with ``add_data_findings``."""
+    from trainer.datacheck import data_findings
+    from trainer.process import quiet_libraries
 
-    A pass is remembered against the identity of its inputs (``verdict_key``); ``reuse``
-    (``zerotune train``) takes a remembered pass of the very same inputs instead of reading
-    them again — ``zerotune validate`` always reads them."""
+    quiet_libraries()
+    return add_data_findings(pf, data_findings(pf.cfg))
+
+
+def add_data_findings(pf: Preflight, findings: dict) -> Preflight:
+    """What the data check found (``data_findings``' record: rows, warnings, problems) added
+    to ``pf``, with the one check that needs the batch plan: at least one global batch."""
     cfg, plan = pf.cfg, pf.plan
-    key = verdict_key(cfg)
-    kept = read_verdict(cfg, key) if reuse and key else None
-    if kept is not None:
-        pf.train_rows = kept["train_rows"]
-        pf.warnings.extend(w for w in kept["warnings"] if w not in pf.warnings)
-    else:
-        from trainer.process import quiet_libraries
-
-        quiet_libraries()
-        try:
-            pf.train_rows = _check_data(cfg, pf.warnings)
-        except ConfigError as e:
-            pf.problems.extend(e.problems)
+    pf.train_rows = findings.get("train_rows")
+    pf.warnings.extend(w for w in findings.get("warnings", []) if w not in pf.warnings)
+    pf.problems.extend(findings.get("problems", []))
     if pf.train_rows is not None and plan is not None and pf.train_rows < plan.global_batch:
         carved = "" if cfg.data.validation else " after the validation carve-out"
         pf.problems.append(
@@ -176,82 +174,7 @@ def check_data_into(pf: Preflight, reuse: bool = False) -> Preflight:
             f"batch (train.global_batch_size={plan.global_batch}): lower the batch size or add data"
         )
     pf.problems = list(dict.fromkeys(pf.problems))
-    if key and kept is None and not pf.problems:
-        write_verdict(cfg, key, {"train_rows": pf.train_rows, "warnings": pf.warnings})
     return pf
-
-
-# A passed data check, remembered: ~/.cache/zerotune/preflight/<key>.json. The key is the
-# whole resolved config with the identity (path, size, mtime in ns) of every local input the
-# check reads — the data files and the model / tokenizer folder's files — so any change of
-# the config, the data or the model checks again. Hub datasets and hub models are not
-# fingerprinted here: with one of them the check always runs.
-
-
-def verdict_key(cfg: RunConfig) -> str | None:
-    import hashlib
-    import json
-
-    from trainer.config import dump_config
-    from trainer.data import source_kind
-
-    inputs = []
-    for spec in (cfg.data.train, cfg.data.validation, cfg.data.test):
-        kind = None if spec is None else source_kind(spec)
-        if kind == "file":
-            path = Path(spec).expanduser()
-            if not path.is_file():  # missing (the check names it) or a folder of files
-                return None
-            inputs.append(_identity(path))
-        elif kind not in (None, "builtin"):
-            return None
-    for name in {cfg.model.name_or_path, cfg.model.tokenizer or cfg.model.name_or_path}:
-        if name.startswith("builtin:"):
-            continue
-        try:
-            from trainer.models import resolve_model_path
-
-            folder = Path(resolve_model_path(name)).expanduser()
-        except ConfigError:
-            return None
-        if not folder.is_dir():
-            return None  # a hub id: its files are not here to fingerprint
-        inputs.append([_identity(f) for f in sorted(folder.iterdir()) if f.is_file()])
-    payload = json.dumps({"v": 1, "config": dump_config(cfg), "inputs": inputs}, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-def _identity(path: Path) -> list:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _verdict_path(cfg: RunConfig, key: str) -> Path:
-    from trainer.data import cache_root
-
-    return cache_root(cfg).parent / "preflight" / f"{key}.json"
-
-
-def read_verdict(cfg: RunConfig, key: str) -> dict | None:
-    import json
-
-    try:
-        kept = json.loads(_verdict_path(cfg, key).read_text())
-        return kept if isinstance(kept.get("train_rows"), int) else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def write_verdict(cfg: RunConfig, key: str, verdict: dict) -> None:
-    """Best effort: a cache that cannot be written only means the next start checks again."""
-    from trainer.files import write_json_atomic
-
-    try:
-        path = _verdict_path(cfg, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, verdict)
-    except OSError:
-        pass
 
 
 def run_dir_problem(run_dir: Path) -> str | None:
@@ -300,42 +223,3 @@ def resume_problem(resume: str) -> str | None:
             "(no checkpoints/): give RUN_DIR/checkpoints/step_N or a run directory"
         )
     return None
-
-
-def _check_data(cfg: RunConfig, warnings: list[str]) -> int:
-    from trainer.data import check_splits, load_raw_splits
-    from trainer.datacheck import max_length_problem
-    from trainer.models import build_tokenizer, builtin_problem, is_builtin
-    from trainer.tasks import build_task
-
-    task = build_task(cfg)
-    problems: list[str] = []
-    num_labels = None
-    try:
-        num_labels = task.model_num_labels(cfg)
-        problems += filter(None, [max_length_problem(cfg)])
-    except ConfigError as e:
-        problems.extend(e.problems)
-    from trainer.adapters import preflight_problem
-
-    problems += filter(None, [preflight_problem(cfg)])
-    if not is_builtin(cfg.model.tokenizer or cfg.model.name_or_path):
-        try:
-            build_tokenizer(cfg, task)
-        except ConfigError as e:
-            problems.extend(e.problems)
-    elif is_builtin(cfg.model.name_or_path) and builtin_problem(cfg.model.name_or_path):
-        problems.append(builtin_problem(cfg.model.name_or_path))
-    splits = None
-    try:
-        splits = load_raw_splits(cfg, warnings)
-    except ConfigError as e:
-        problems.extend(e.problems)
-    if splits is not None:
-        try:
-            check_splits(cfg, splits, num_labels, warnings)
-        except ConfigError as e:
-            problems.extend(e.problems)
-    if problems:
-        raise ConfigError(problems)
-    return len(splits["train"])

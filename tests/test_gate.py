@@ -1,6 +1,7 @@
-"""``zerotune train`` starts its ranks beside the pre-flight's data checks (issue 9, line 4):
-the ranks wait at a gate (trainer/gate.py) and go when it passed, or stop — silently, nothing
-written — when it failed (launcher/overlap.py).
+"""``zerotune train`` starts its ranks beside its pre-flight (issue 9, line 4): rank 0 runs the
+data check and hands it to the launcher; the ranks wait at a gate (trainer/gate.py) and go
+when the pre-flight passed, or stop — silently, nothing written — when it failed
+(launcher/overlap.py).
 
 The rank's side runs in forked children of this process (a stop ends a rank with
 ``os._exit``): the real gate directory, the real watching thread, the rank's real
@@ -58,6 +59,7 @@ def _fork(fn, gate: Gate | None, err: Path) -> int:
             else:
                 os.environ.pop(GATE_ENV, None)
             gate_mod._WATCH = None  # this process's watch, not the parent's
+            gate_mod._PUBLISHED = False
             code = fn()
         finally:
             sys.stderr.flush()
@@ -95,7 +97,6 @@ def test_a_rank_passes_the_gate_only_when_it_opens_and_counts_the_wait(tmp_path)
         pid = _fork(rank, gate, tmp_path / "err")
         time.sleep(0.5)
         assert not passed.exists(), "a rank went past a gate that was not open"
-        assert gate.wait_for_ranks(1, timeout=0) == 1  # it said it arrived
         gate.open()
         code, _ = _exit_code(pid)
     finally:
@@ -196,7 +197,13 @@ def test_a_config_error_in_a_rank_before_its_gate_is_said_once(tmp_path, verdict
     err = tmp_path / "err"
     try:
         pid = _fork(lambda: int(rank_main(args)), gate, err)
-        time.sleep(1.0)  # the config is parsed and refused in milliseconds here
+        # the launcher's verdict waits for rank 0's data check: the refusal is handed over
+        # as its record (else the two would wait for each other)
+        deadline = time.monotonic() + 30
+        record = gate.wait_for_data_check(lambda: time.monotonic() > deadline)
+        assert record is not None and record["train_rows"] is None
+        assert len(record["problems"]) == 1 and "train.lrr: unknown key" in record["problems"][0]
+        time.sleep(0.3)
         assert err.read_text() == ""
         gate.open() if verdict == "go" else gate.close()
         code, _ = _exit_code(pid)
@@ -208,6 +215,32 @@ def test_a_config_error_in_a_rank_before_its_gate_is_said_once(tmp_path, verdict
     if verdict == "go":
         assert "train.lrr: unknown key" in said
     assert not (tmp_path / "run").exists()
+
+
+def test_rank_0_hands_its_data_check_to_the_launcher_whole_once(tmp_path):
+    """The record crosses through the gate directory: the launcher reads it only once it is
+    all there (written under another name, then renamed), a rank publishes once, and the
+    launcher stops waiting once the ranks are gone without one."""
+    gate = Gate.create()
+    try:
+        assert gate.wait_for_data_check(lambda: True) is None  # given up: no record
+        (gate.path / f".{gate_mod.DATA_CHECK}.123").write_text('{"train_rows": 1')  # half
+        t0 = time.monotonic()
+        assert gate.wait_for_data_check(lambda: time.monotonic() > t0 + 0.2) is None
+        first = {"train_rows": 5, "warnings": ["w"], "problems": []}
+
+        def rank() -> int:
+            environ = {GATE_ENV: str(gate.path)}
+            assert gate_mod.publish_data_check(first, environ)
+            gate_mod.publish_data_check({"train_rows": 6, "warnings": [], "problems": []}, environ)
+            return 0
+
+        code, _ = _exit_code(_fork(rank, None, tmp_path / "err"))
+        assert code == 0, (tmp_path / "err").read_text()
+        assert gate.wait_for_data_check(lambda: False) == first  # the first record, whole
+    finally:
+        gate.remove()
+    assert not gate_mod.publish_data_check(first, {})  # no gate: nothing to hand over
 
 
 # --------------------------------------------------------------------------------------
@@ -229,10 +262,12 @@ def test_ranks_stopped_at_the_gate_add_no_line_to_the_preflights():
 
 def _ranks_seen(marker: str, stop: threading.Event, seen: dict[int, str]) -> None:
     """Every child of this process whose command line holds ``marker`` (the rank processes
-    of one launch) → its gate directory, until ``stop``."""
+    of one launch, started by the agent in this process) → its gate directory, until
+    ``stop``. Direct children only: a rank's own short-lived children (DeepSpeed's compiler
+    probes) carry its command line until they exec."""
     me = psutil.Process()
     while not stop.is_set():
-        for child in me.children(recursive=True):
+        for child in me.children():
             try:
                 cmd = " ".join(child.cmdline())
             except psutil.Error:
@@ -296,6 +331,24 @@ def test_bad_data_stops_the_started_ranks_one_message_nothing_written(tmp_path, 
     assert GATE_ENV not in os.environ
     gates = set(ranks.values()) - {""}
     assert len(gates) == 1 and not Path(gates.pop()).exists()  # one gate, removed
+
+
+def test_rank_0s_row_count_is_checked_against_the_global_batch_by_the_launcher(tmp_path, capfd):
+    """Rank 0 counts the rows (after the validation carve-out); the launcher, which holds the
+    batch plan, refuses fewer than one global batch: one message, exit 2, nothing written."""
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(40)))
+    run_dir = tmp_path / "run"
+    args = ["train", str(TINY), "--run-dir", str(run_dir), "--set", f"data.train={data}"]
+    args += ["--set", "data.text_column=sentence", "--set", "train.global_batch_size=64"]
+    code, ranks, _ = _train_watching_ranks(args, str(run_dir))
+    err = capfd.readouterr().err
+    assert code == 2 and len(ranks) == 2 and _alive(ranks) == [], err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert "has 36 rows after the validation carve-out, fewer than one global batch" in lines[0]
+    assert "train.global_batch_size=64" in lines[0]
+    assert not run_dir.exists()
 
 
 def test_a_resume_that_changes_the_run_is_refused_at_the_gate(tmp_path, capfd):

@@ -75,15 +75,18 @@ def test_env_json_holds_the_startup_breakdown(tmp_path):
 @pytest.mark.slow
 def test_a_real_launch_counts_the_launcher_and_logs_the_breakdown(runs):
     """``zerotune train`` (the shared ZeRO-2 reference run: no launch of its own): launcher
-    start → rank created is a phase, the rank's wait for the pre-flight at its gate
-    (launcher/overlap.py) another, right after its imports and rendezvous and before the run
-    directory; the phases add up to launch → first step."""
+    start → rank created is a phase; rank 0's data check for the pre-flight another, right
+    after its imports; its wait for the pre-flight's verdict at its gate (launcher/overlap.py)
+    another, after the rendezvous and before the run directory; the phases add up to launch →
+    first step."""
     d = runs.stage(2)
     s = json.loads((d / "env.json").read_text())["startup_s"]
     assert s["launcher"] > 0.5  # at least its Python start and the settings checks
     assert s["interpreter"] > 0 and s["imports"] > 0 and s["process_group"] > 0
     phases = list(s)
+    # rank 0's data check for the launcher: after its imports, before the process group
+    assert phases.index("imports") < phases.index("data_check") < phases.index("process_group")
     assert phases.index("process_group") < phases.index("preflight_wait") < phases.index("run_dir")
-    assert s["preflight_wait"] >= 0
+    assert s["data_check"] > 0 and s["preflight_wait"] >= 0
     assert s["total"] == pytest.approx(sum(v for k, v in s.items() if k != "total"), abs=0.02)
     print(f"launch → first step {s['total']:.1f} s: {s}")

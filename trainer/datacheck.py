@@ -275,3 +275,58 @@ def max_length_problem(cfg: RunConfig) -> str | None:
         f"data.max_length={cfg.data.max_length} is beyond the {limit} positions of "
         f"model.name_or_path={name!r}: set data.max_length={limit} or lower"
     )
+
+
+def check_data(cfg: RunConfig, warnings: list[str]) -> int:
+    """The pre-flight's data check: the task and the model's labels and positions, the
+    adapter settings, the tokenizer, every split's files and cells. The training rows (after
+    any validation carve-out); every problem found is raised together as one ConfigError.
+
+    Reads the data and the tokenizer, writes nothing of the run: ``zerotune validate`` and
+    ``zerotune submit`` run it in the launcher, ``zerotune train`` in its rank 0 before the
+    gate (``trainer/gate.py``), where datasets and transformers are imported anyway."""
+    from .adapters import preflight_problem
+    from .data import check_splits, load_raw_splits
+    from .models import build_tokenizer, builtin_problem, is_builtin
+    from .tasks import build_task
+
+    task = build_task(cfg)
+    problems: list[str] = []
+    num_labels = None
+    try:
+        num_labels = task.model_num_labels(cfg)
+        problems += filter(None, [max_length_problem(cfg)])
+    except ConfigError as e:
+        problems.extend(e.problems)
+    problems += filter(None, [preflight_problem(cfg)])
+    if not is_builtin(cfg.model.tokenizer or cfg.model.name_or_path):
+        try:
+            build_tokenizer(cfg, task)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    elif is_builtin(cfg.model.name_or_path) and builtin_problem(cfg.model.name_or_path):
+        problems.append(builtin_problem(cfg.model.name_or_path))
+    splits = None
+    try:
+        splits = load_raw_splits(cfg, warnings)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    if splits is not None:
+        try:
+            check_splits(cfg, splits, num_labels, warnings)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return len(splits["train"])
+
+
+def data_findings(cfg: RunConfig) -> dict:
+    """``check_data`` as a record (JSON: it crosses from rank 0 to the launcher through the
+    gate): ``train_rows`` (None when the data failed), ``warnings``, ``problems``."""
+    warnings: list[str] = []
+    try:
+        rows, problems = check_data(cfg, warnings), []
+    except ConfigError as e:
+        rows, problems = None, list(e.problems)
+    return {"train_rows": rows, "warnings": warnings, "problems": problems}

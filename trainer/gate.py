@@ -1,10 +1,13 @@
 """The gate between ``zerotune train``'s pre-flight and its ranks (issue 9, line 4).
 
-The launcher starts the ranks at once and runs its slower checks (the data, the tokenizer,
-the model config, the run directory's lock) while they import and join the process group:
-the two take seconds each, so doing them side by side rather than one after the other
-shortens launch → first step. A rank waits at the gate right before it builds its
-``Trainer`` — nothing written, no data read — until the launcher's verdict:
+The launcher checks the settings (no rank starts if they are wrong), starts the ranks at
+once, and decides while they import and join the process group. The data check — the data
+files and cells, the tokenizer, the model's config — runs in rank 0, right after its own
+imports of datasets and transformers (which the launcher would otherwise pay for a second
+time, competing with the ranks for the CPU), and is handed to the launcher as a record
+(``DATA_CHECK``, ``publish_data_check``). From it and the run directory's lock the launcher
+gives its verdict. Every rank waits at the gate right before it builds its ``Trainer`` —
+nothing written — until that verdict:
 
 * ``go``: the pre-flight passed and the launcher holds the run directory's lock;
 * ``stop``: it failed; the launcher prints its one message and every rank exits
@@ -27,6 +30,7 @@ and ``wait`` returns at once. Nothing here imports more than the standard librar
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -37,7 +41,7 @@ from pathlib import Path
 GATE_ENV = "ZEROTUNE_GATE"
 GO, STOP = "go", "stop"
 LAUNCHER_FILE = "launcher.pid"
-ARRIVED = "arrived."  # + the rank's pid: it has started and watches the gate
+DATA_CHECK = "data-check.json"  # rank 0's findings on the data, for the launcher's verdict
 POLL_S = 0.01
 STOPPED_CODE = 2  # ExitCode.CONFIG (not imported: trainer.process is not needed this early)
 ORPHANED_CODE = 1  # ExitCode.FAILED: the launcher is gone; no one reads it
@@ -62,15 +66,14 @@ class Gate:
     def close(self) -> None:
         (self.path / STOP).touch()
 
-    def wait_for_ranks(self, n: int, timeout: float) -> int:
-        """Until ``n`` ranks watch the gate (or ``timeout``): the launcher's checks then no
-        longer compete with its own agent for starting them. How many arrived."""
-        deadline = time.monotonic() + timeout
-        while True:
-            arrived = sum(name.startswith(ARRIVED) for name in os.listdir(self.path))
-            if arrived >= n or time.monotonic() >= deadline:
-                return arrived
+    def wait_for_data_check(self, given_up) -> dict | None:
+        """Rank 0's data-check record (``publish_data_check``), once it is there; None once
+        ``given_up()`` (the ranks have ended without one: a crash, Ctrl-C)."""
+        while not given_up():
+            with contextlib.suppress(OSError, ValueError):
+                return json.loads((self.path / DATA_CHECK).read_text())
             time.sleep(POLL_S)
+        return None
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -103,8 +106,6 @@ class GateWatch:
             self.opened.set()
             return
         self.launcher = _launcher_pid(self.path)
-        with contextlib.suppress(OSError):  # a removed gate: the watch reads stop at once
-            os.close(os.open(self.path / f"{ARRIVED}{os.getpid()}", os.O_CREAT | os.O_WRONLY))
         threading.Thread(target=self._watch, name="zerotune-gate", daemon=True).start()
 
     def _watch(self) -> None:
@@ -124,6 +125,27 @@ class GateWatch:
         in short waits, so that Ctrl-C (KeyboardInterrupt) still reaches the caller."""
         while not self.opened.wait(0.1):
             pass
+
+
+_PUBLISHED = False
+
+
+def publish_data_check(findings: dict, environ=os.environ) -> bool:
+    """Rank 0 hands the pre-flight's data check (``trainer.datacheck.data_findings``) to the
+    launcher, whose verdict follows from it; written whole (a temporary name, then renamed)
+    so that the launcher never reads half of it. False without a gate (nothing to hand)."""
+    global _PUBLISHED
+    path = environ.get(GATE_ENV)
+    if not path:
+        return False
+    if _PUBLISHED:  # once: the verdict may already follow from the first record
+        return True
+    _PUBLISHED = True
+    with contextlib.suppress(OSError):  # a removed gate: the watch reads stop at once
+        tmp = Path(path) / f".{DATA_CHECK}.{os.getpid()}"
+        tmp.write_text(json.dumps(findings))
+        os.replace(tmp, Path(path) / DATA_CHECK)
+    return True
 
 
 _WATCH: GateWatch | None = None

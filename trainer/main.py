@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .gate import GATE_ENV, watch_gate
+from .gate import GATE_ENV, publish_data_check, watch_gate
 from .process import (
     ExitCode,
     add_run_arguments,
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
         return run_rank(cfg, env, run_dir, args.resume)
     except (ConfigError, ValueError) as e:
+        if os.environ.get("RANK", "0") == "0":  # the launcher's verdict waits for rank 0's record
+            publish_data_check({"train_rows": None, "warnings": [], "problems": [str(e)]})
         try:
             gate.wait()  # the launcher's pre-flight finds it too: a stop ends us, it says it once
         except KeyboardInterrupt:
@@ -62,7 +64,9 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
     quiet_libraries()
     if cfg.engine == "deepspeed":
         configure_cpu_deepspeed()
+    import_model_machinery()
     CLOCK.mark("imports")
+    check_data_for_launcher(cfg, env)
     try:
         env, device = init_distributed(env, cfg.launch.backend, cfg.launch.timeout_minutes)
         CLOCK.mark("process_group")
@@ -112,6 +116,30 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
         stop_watchdog()
         if orderly:
             destroy()
+
+
+def import_model_machinery() -> None:
+    """transformers' model machinery — torch._dynamo, DTensor, its losses (scipy): ~1.7 s of
+    imports here, paid by whichever model the rank builds — and its table of model types,
+    imported by every rank first thing. Under ``zerotune train`` rank 0's data check follows
+    while the other ranks go on to the rendezvous: they wait there, done with their imports,
+    rather than idle first and import afterwards while rank 0 waits for them."""
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.models  # noqa: F401
+
+
+def check_data_for_launcher(cfg, env) -> None:
+    """Under ``zerotune train``, in rank 0: the pre-flight's data check, handed to the
+    launcher, whose verdict follows from it (``trainer/gate.py``). Here, once this rank has
+    imported torch and DeepSpeed (datasets and transformers follow in the check, as the rank
+    needs them anyway), and before the process group: no error path of its waits at the gate
+    for a verdict that would wait for this record."""
+    if env.rank != 0 or not os.environ.get(GATE_ENV):
+        return
+    from .datacheck import data_findings
+
+    publish_data_check(data_findings(cfg))
+    CLOCK.mark("data_check")
 
 
 def wait_for_preflight() -> None:

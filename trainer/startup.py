@@ -6,9 +6,10 @@ since the previous mark, so the phases add up to the rank's whole start-up. The 
 when this process was created (not when this module was imported), so the interpreter's own
 start is counted too; ``zerotune train`` passes the moment its launcher process was created
 (``ZEROTUNE_LAUNCHED_AT``), so launcher start → this rank's process created shows as
-``launcher`` (its settings checks and the agent's start). The launcher's data checks run
-while the ranks import (``launcher/overlap.py``); what a rank still waits for them at its
-gate, after its own imports and rendezvous, is ``preflight_wait`` (``trainer/gate.py``).
+``launcher`` (its settings checks and the agent's start). Rank 0 then runs the pre-flight's
+data check for the launcher after its imports (``data_check``, ``launcher/overlap.py``); what
+a rank still waits for the launcher's verdict at its gate, after its rendezvous, is
+``preflight_wait`` (``trainer/gate.py``).
 Under a bare torchrun / srun / mpirun the rank's own creation is the launch.
 
 Nothing here imports more than the standard library: it is imported first thing in a rank.
