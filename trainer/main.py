@@ -62,11 +62,11 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
     from .distributed import AgreedConfigError, configure_cpu_deepspeed, destroy, init_distributed
 
     quiet_libraries()
+    check_data_for_launcher(cfg, env)  # first: bad data is refused without waiting for more
     if cfg.engine == "deepspeed":
         configure_cpu_deepspeed()
     import_model_machinery()
     CLOCK.mark("imports")
-    check_data_for_launcher(cfg, env)
     try:
         env, device = init_distributed(env, cfg.launch.backend, cfg.launch.timeout_minutes)
         CLOCK.mark("process_group")
@@ -121,9 +121,9 @@ def run_rank(cfg, env, run_dir: Path, resume: str) -> int:
 def import_model_machinery() -> None:
     """transformers' model machinery — torch._dynamo, DTensor, its losses (scipy): ~1.7 s of
     imports here, paid by whichever model the rank builds — and its table of model types,
-    imported by every rank first thing. Under ``zerotune train`` rank 0's data check follows
-    while the other ranks go on to the rendezvous: they wait there, done with their imports,
-    rather than idle first and import afterwards while rank 0 waits for them."""
+    imported by every rank before the rendezvous. Under ``zerotune train`` the other ranks
+    import while rank 0 runs the data check: they then wait at the rendezvous done with their
+    imports, rather than idle there first and import afterwards while rank 0 waits for them."""
     import transformers.modeling_utils  # noqa: F401
     import transformers.models  # noqa: F401
 
@@ -131,11 +131,13 @@ def import_model_machinery() -> None:
 def check_data_for_launcher(cfg, env) -> None:
     """Under ``zerotune train``, in rank 0: the pre-flight's data check, handed to the
     launcher, whose verdict follows from it (``trainer/gate.py``). Here, once this rank has
-    imported torch and DeepSpeed (datasets and transformers follow in the check, as the rank
-    needs them anyway), and before the process group: no error path of its waits at the gate
-    for a verdict that would wait for this record."""
+    imported torch (datasets and transformers follow in the check, as the rank needs them
+    anyway), and before DeepSpeed and the process group: bad data is refused as soon as it
+    can be, and no error path of this rank waits at the gate for a verdict that would wait
+    for this record."""
     if env.rank != 0 or not os.environ.get(GATE_ENV):
         return
+    CLOCK.mark("imports")
     from .datacheck import data_findings
 
     publish_data_check(data_findings(cfg))
