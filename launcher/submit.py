@@ -244,6 +244,11 @@ def run(args) -> int:
     )
     submit_dir = Path.cwd().resolve()
     try:
+        from trainer.rundir import refuse_if_in_use
+
+        # a live run owns it: its config.yaml is not rewritten under it (a second job on it
+        # would be refused by its rank 0 anyway, after waiting in the queue)
+        refuse_if_in_use(run_dir)
         pf = check(
             args.config,
             args.overrides,

@@ -151,6 +151,38 @@ def test_gpu_job_checks_nothing_about_this_machines_gpus(tmp_path, submit):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_run_directory_in_use_is_refused_and_left_as_it_is(tmp_path, submit):
+    """A live run holds the run directory's lock: submit says who, exit 2, and neither its
+    config.yaml nor a submit.sbatch is written there."""
+    from trainer.rundir import lock_for_launcher
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("the live run's config\n")
+    lock = lock_for_launcher(run_dir)  # another open file: flock refuses this process too
+    try:
+        code, _, err = submit(
+            str(TINY),
+            "--nodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--dry-run",
+        )
+    finally:
+        lock.release()
+    assert code == 2 and err.count("config error") == 1, err
+    assert f"run directory {run_dir} is in use by" in err and "zerotune train" in err
+    assert (run_dir / "config.yaml").read_text() == "the live run's config\n"
+    assert not (run_dir / "submit.sbatch").exists()
+    code, _, err = submit(
+        str(TINY), "--nodes", "1", "--nproc-per-node", "2", "--run-dir", str(run_dir), "--dry-run"
+    )
+    assert code == 0 and (run_dir / "submit.sbatch").is_file(), err  # released: accepted
+
+
 def test_nproc_required_without_gpus(tmp_path, submit):
     code, _, err = submit(str(TINY), "--nodes", "2", "--run-dir", str(tmp_path / "r"), "--dry-run")
     assert code == 2
