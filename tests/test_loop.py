@@ -114,6 +114,10 @@ def test_early_stopped_run_started_again_trains_no_further(tmp_path):
     sets = ("eval.every_steps=2", "eval.metric=loss", "eval.early_stopping_patience=1")
     d, first = _run(tmp_path, "early", *sets, "checkpoint.every_steps=2")
     assert first["stopped_early"] and first["steps"] < 12
+    recs = [x for x in read_jsonl(d / "metrics.jsonl") if x["kind"] == "eval"]
+    # the evaluation that stopped it is the final one (not run and logged twice)
+    assert [x["step"] for x in recs] == list(range(2, first["steps"] + 1, 2))
+    assert first["validation"]["loss"] == pytest.approx(recs[-1]["loss"], abs=1e-9)
     before = sorted(p.name for p in (d / "checkpoints").iterdir())
     _, again = _run(tmp_path, "early", *sets, "checkpoint.every_steps=2")
     assert again["stopped_early"] and again["steps"] == first["steps"]
@@ -149,7 +153,8 @@ def test_stop_at_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path):
     assert hit["value"] == pytest.approx(curve[expected], abs=1e-6)
     assert hit["seconds_since_launch"] > 0
     evals = [x["step"] for x in read_jsonl(d / "metrics.jsonl") if x["kind"] == "eval"]
-    assert evals == [*range(2, expected + 1, 2), expected]  # periodic ones, then the final
+    # the periodic ones; the one that reached the target is the final one, not run again
+    assert evals == list(range(2, expected + 1, 2))
     assert r["validation"]["loss"] == pytest.approx(curve[expected], abs=1e-6)
     assert (d / "checkpoints" / f"step_{expected:08d}").is_dir() and (d / "final").is_dir()
     _, again = _run(tmp_path, "target", *sets, f"eval.stop_at={target!r}")

@@ -131,6 +131,7 @@ class Trainer:
         self.plan = self.sampler = self.total = None
         self.tokenizer = self.train_batches = self.engine = self.evaluator = None
         self.ckpts = self.sinks = self.flag = None
+        self.last_eval: tuple[int, EvalResult] | None = None  # the loop's newest (step, result)
         self.locks: list = []  # rank 0: the run directory's locks (trainer/rundir.py)
         self.scale_watch = LossScaleWatch()  # fp16: a warning before the loss scale collapses
         self.num_parameters = 0
@@ -388,6 +389,7 @@ class Trainer:
             if self.evaluator.should_evaluate(state.step, last, preempted):
                 beat("evaluation", state.step)
                 ev = self.evaluator.evaluate("validation")
+                self.last_eval = (state.step, ev)
                 self.sinks.log(state.step, ev.metrics, "eval")
                 self.evaluator.track(state, ev, state.step)
                 metric = ev.metrics[self.evaluator.metric]
@@ -516,10 +518,15 @@ class Trainer:
     def finish(self) -> None:
         state, ev = self.state, self.evaluator
         rss_train = peak_rss_gb()  # the peak so far: set-up and training
-        beat("final evaluation", state.step)
-        final = ev.evaluate("validation")
-        self.sinks.log(state.step, final.metrics, "eval")
-        ev.track(state, final, state.step, final=True)
+        if self.last_eval is not None and self.last_eval[0] == state.step:
+            # the loop stopped right after evaluating this very model (a target reached, an
+            # early stop): that evaluation is the final one, not run and logged twice
+            final = self.last_eval[1]
+        else:
+            beat("final evaluation", state.step)
+            final = ev.evaluate("validation")
+            self.sinks.log(state.step, final.metrics, "eval")
+            ev.track(state, final, state.step, final=True)
         test = None
         if ev.has_split("test"):
             test = ev.evaluate("test")
