@@ -159,27 +159,17 @@ def test_a_run_directory_in_use_is_refused_and_left_as_it_is(tmp_path, submit):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("the live run's config\n")
+    args = (str(TINY), "--nodes", "1", "--nproc-per-node", "2", "--run-dir", str(run_dir))
     lock = lock_for_launcher(run_dir)  # another open file: flock refuses this process too
     try:
-        code, _, err = submit(
-            str(TINY),
-            "--nodes",
-            "1",
-            "--nproc-per-node",
-            "2",
-            "--run-dir",
-            str(run_dir),
-            "--dry-run",
-        )
+        code, _, err = submit(*args, "--dry-run")
     finally:
         lock.release()
     assert code == 2 and err.count("config error") == 1, err
     assert f"run directory {run_dir} is in use by" in err and "zerotune train" in err
     assert (run_dir / "config.yaml").read_text() == "the live run's config\n"
     assert not (run_dir / "submit.sbatch").exists()
-    code, _, err = submit(
-        str(TINY), "--nodes", "1", "--nproc-per-node", "2", "--run-dir", str(run_dir), "--dry-run"
-    )
+    code, _, err = submit(*args, "--dry-run")
     assert code == 0 and (run_dir / "submit.sbatch").is_file(), err  # released: accepted
 
 
