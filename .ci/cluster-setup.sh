@@ -242,9 +242,25 @@ while :; do
 done
 log "node $HOST is $state"
 
-# Smoke test: a 2-task step (2 tasks must fit even on a 2-core machine).
-out=$(timeout 60 srun -N1 -n 2 --time=1 hostname 2>&1) \
-    || { echo "$out" >&2; diagnose; die "srun -n 2 failed"; }
+# Jobs left on this private test cluster by an earlier run that was killed (a test's sbatch
+# job outlives its pytest): they would hold the node, and the first job here would queue.
+left=$(squeue -h -o '%i' 2>/dev/null | tr '\n' ' ' || true)
+if [ -n "${left// /}" ]; then
+    log "cancelling jobs left by an earlier run: $left"
+    # shellcheck disable=SC2086
+    scancel $left 2>/dev/null || true
+    for _ in $(seq 60); do
+        [ -z "$(squeue -h -o '%i' 2>/dev/null)" ] && break
+        sleep 0.5
+    done
+fi
+
+# Smoke test: a 2-task step (2 tasks must fit even on a 2-core machine). Its output only:
+# srun's own notes ("job N queued and waiting for resources") go to stderr.
+err_file=$(mktemp)
+out=$(timeout 60 srun -N1 -n 2 --time=1 hostname 2>"$err_file") \
+    || { echo "$out" >&2; cat "$err_file" >&2; rm -f "$err_file"; diagnose; die "srun -n 2 failed"; }
+rm -f "$err_file"
 [ "$(grep -c . <<<"$out")" -eq 2 ] || { echo "$out" >&2; die "srun -n 2: unexpected output"; }
 srun --mpi=list 2>&1 | grep -q pmix || log "WARNING: mpi/pmix plugin not listed by 'srun --mpi=list'"
 # Let the smoke-test job finish completing so the first real job starts at once.
