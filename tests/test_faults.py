@@ -280,6 +280,23 @@ class Launch:
                 return child.pid
         raise AssertionError(f"no rank {rank} among {psutil.Process(self.proc.pid).children()}")
 
+    def wait_for_published_phase(self, pid: int, phase: str, timeout: float = 30) -> None:
+        """Until the rank ``pid`` has published a heartbeat in ``phase``: its status file is
+        written just before its record goes to the store (and a moment for that)."""
+        from trainer.watchdog import STATUS_DIR_ENV
+
+        status = Path(psutil.Process(pid).environ()[STATUS_DIR_ENV])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for path in status.glob("rank_*.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    rec = json.loads(path.read_text())
+                    if rec.get("pid") == pid and rec.get("phase") == phase:
+                        time.sleep(0.3)
+                        return
+            time.sleep(0.05)
+        raise AssertionError(f"pid {pid} published no {phase!r} heartbeat in {timeout} s")
+
     def wait_for_step(self, step: int, timeout: float = 300) -> int:
         """Wait until the metrics show ``step`` (and a checkpoint committed before it)."""
         deadline = time.monotonic() + timeout
@@ -336,6 +353,9 @@ def test_stopped_rank_ends_the_job_within_the_timeout_naming_rank_host_and_phase
     launches.append(launch)
     launch.wait_for_step(12)
     pid = launch.rank_pid(1)
+    # stopped once its heartbeat has said it is in a step (published within a second of
+    # entering one): the watchdog can only name a phase that the rank has published
+    launch.wait_for_published_phase(pid, "step")
     os.kill(pid, signal.SIGSTOP)
     code, seconds = launch.wait(timeout=240)
     print(f"\nstopped rank 1: job ended after {seconds:.1f} s (timeout 60 s), exit {code}")

@@ -310,8 +310,13 @@ class Watchdog(threading.Thread):
         if self.store is None:
             self.store = _store_client(self.interval)
         # a new phase is published within a second (the loop only writes attributes); the
-        # peers are read, and the record republished, every interval
+        # peers are read, and the record republished, every interval. The first record goes
+        # out at once: a rank stopped within its first second is then named with its phase,
+        # not as one never heard from
         shown, next_check = None, time.monotonic() + self.interval
+        with contextlib.suppress(Exception):  # the first tick judges the store
+            own = self.publish()
+            shown = (own["phase"], own["step"])
         while not self.halt.wait(min(PHASE_PUBLISH_S, self.interval)):
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.interval
