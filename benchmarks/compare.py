@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -108,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
     p.add_argument("--loss-tolerance", type=float, default=1e-4)
     p.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each run's checkpoint (~0.3 GB for MiniLM; the figures do not need it)",
+    )
     p.add_argument(
         "--target-accuracy",
         type=float,
@@ -253,7 +259,16 @@ def run_one(name: str, a, config, data, ds_json, run: Path, env) -> dict:
     if proc.returncode != 0:
         tail = (run / "log.txt").read_text()[-3000:]
         sys.exit(f"compare: {name} failed with exit {proc.returncode} ({run / 'log.txt'}):\n{tail}")
+    if not a.keep_checkpoints:
+        drop_checkpoints(run)
     return {"launched": launched, "ended": ended, **read_steps(run / "steps")}
+
+
+def drop_checkpoints(run: Path) -> None:
+    """The checkpoints a run wrote (its end work, timed; ~0.3 GB each for MiniLM, a few GB
+    for a study of repeats): the figures come from steps/, log.txt and env.json."""
+    for path in [run / "checkpoints", run / "checkpoint", *run.glob("hf/checkpoint-*")]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- reading and judging ----------------------------------------------------------------

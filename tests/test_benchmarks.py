@@ -109,6 +109,11 @@ def test_compare_demo_runs_every_contender_on_the_same_work(tmp_path, cache_dir)
         (f,) = s["figures"][name]
         assert 0 < f["step_s"] < f["total_s"] and f["first_step_s"] < f["total_s"]
         assert len(f["peak_rss_gb_per_rank"]) == 2 and f["tokens_per_s"] > 0
+    # each run's figures are kept and its checkpoint dropped (--keep-checkpoints keeps it)
+    runs = {p.parent for p in tmp_path.rglob("steps")}
+    assert len(runs) == len(contenders), runs
+    for run in runs:
+        assert not [p for p in run.rglob("checkpoint*") if p.is_dir()], sorted(run.rglob("*"))
 
 
 @pytest.mark.slow
