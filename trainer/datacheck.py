@@ -326,7 +326,13 @@ def data_findings(cfg: RunConfig) -> dict:
     gate): ``train_rows`` (None when the data failed), ``warnings``, ``problems``."""
     warnings: list[str] = []
     try:
-        rows, problems = check_data(cfg, warnings), []
+        rows = check_data(cfg, warnings)
     except ConfigError as e:
-        rows, problems = None, list(e.problems)
-    return {"train_rows": rows, "warnings": warnings, "problems": problems}
+        return refused(e.problems, warnings)
+    return {"train_rows": rows, "warnings": warnings, "problems": []}
+
+
+def refused(problems: list[str], warnings: list[str] | None = None) -> dict:
+    """The record of a check that failed: also a rank's own config error before its check
+    (``trainer/main.py``), which the launcher then says, once."""
+    return {"train_rows": None, "warnings": warnings or [], "problems": list(problems)}

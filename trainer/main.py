@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_rank(cfg, env, run_dir, args.resume)
     except (ConfigError, ValueError) as e:
         if os.environ.get("RANK", "0") == "0":  # the launcher's verdict waits for rank 0's record
-            publish_data_check({"train_rows": None, "warnings": [], "problems": [str(e)]})
+            from .datacheck import refused
+
+            publish_data_check(refused(e.problems if isinstance(e, ConfigError) else [str(e)]))
         try:
             gate.wait()  # the launcher's pre-flight finds it too: a stop ends us, it says it once
         except KeyboardInterrupt:
